@@ -1,0 +1,404 @@
+"""The agent's policies: when a job is snapshotted, whether its derivable entries travel,
+and what the uplink can carry.
+
+* :class:`SnapshotPolicy` (the job file's ``[snapshot]``: every N steps and/or T seconds).
+  A *local* snapshot (to the journal) is taken whenever one is due: that bounds what a crash
+  loses to one interval. A *send* is due on the same schedule, but the runner offers one
+  only when the protocol session can (synced, nothing in flight): stop-and-wait, so sends
+  never go faster than the link drains. A send that falls due while one is in flight is
+  *owed* and is taken, of the newest state, as soon as the session can offer again: newer
+  snapshots coalesce, nothing queues (invariant 6).
+* :class:`KvPolicy` (``[link] kv``): ``send`` and ``recompute`` are fixed; ``auto`` includes
+  the derivable entries (a KV cache) only while the measured link can afford them: the
+  bytes the next snapshot would carry with them, estimated from the sizes of previous
+  payloads, must fit in ``link rate x interval x utilization``. Turning them back on means
+  sending them whole, so that happens only when the whole cache plus the next interval's
+  growth fits in a smaller share of the budget (hysteresis), and not within a few
+  snapshots of turning them off.
+* :class:`LinkCapacity`: the link rate those decisions use. An idle link's drain rate
+  under-reads its capacity (a small message measures latency, not bandwidth), so only
+  transfers big enough to keep the link busy count, and the result never exceeds the
+  bandwidth cap (``--max-kbps``).
+* :class:`StepRate`: steps per second, smoothed.
+
+Everything here is pure: no clock (``now`` is passed in, seconds on any monotonic origin),
+no I/O, no threads, no protocol or codec calls. It decides; the runner acts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from edge_agent.errors import ConfigError, JobSpecError
+
+__all__ = [
+    "DEFAULT_LINK_RATE",
+    "KV_MODES",
+    "KvDecision",
+    "KvPolicy",
+    "LinkCapacity",
+    "SnapshotPolicy",
+    "StepRate",
+]
+
+KvMode = Literal["send", "recompute", "auto"]
+KV_MODES: tuple[KvMode, ...] = ("send", "recompute", "auto")
+#: Bytes per second assumed for a link nothing has been measured on and no cap bounds
+#: (64 kbit/s: the slow end of what gateways have; a conservative guess).
+DEFAULT_LINK_RATE = 8000.0
+
+
+def _ewma(old: float | None, sample: float, alpha: float) -> float:
+    return sample if old is None else old + alpha * (sample - old)
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots.
+
+
+@dataclass(slots=True)
+class _Mark:
+    step: int
+    at: float
+
+
+class SnapshotPolicy:
+    """Every ``every_steps`` steps and/or ``every_seconds`` seconds, whichever comes first.
+
+    Two clocks run on that schedule: the last *local* snapshot and the last *send*. A
+    snapshot is due only when the job has moved since the mark (a step of progress, never
+    a repeat of the same step), except a send that :meth:`force_send` asked for (the
+    server lost our base: the next one must go, full, even at the same step).
+
+    ``sent_step``/``sent_at`` start the send clock (after a restart: the step the server
+    acknowledged and an instant one interval ago, so that newer work is sent at once)."""
+
+    def __init__(
+        self,
+        every_steps: int | None,
+        every_seconds: float | None,
+        *,
+        step: int,
+        now: float,
+        sent_step: int | None = None,
+        sent_at: float | None = None,
+    ) -> None:
+        if every_steps is None and every_seconds is None:
+            raise JobSpecError("a snapshot policy needs every_steps, every_seconds or both")
+        if every_steps is not None and (type(every_steps) is not int or every_steps < 1):
+            raise JobSpecError(f"every_steps must be an integer >= 1, not {every_steps!r}")
+        if every_seconds is not None and not (math.isfinite(every_seconds) and every_seconds > 0):
+            raise JobSpecError(f"every_seconds must be a number > 0, not {every_seconds!r}")
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self._local = _Mark(step, now)
+        self._sent = _Mark(
+            step if sent_step is None else sent_step, now if sent_at is None else sent_at
+        )
+        self._forced = False
+
+    @classmethod
+    def for_job(
+        cls,
+        every_steps: int | None,
+        every_seconds: float | None,
+        *,
+        step: int,
+        acked_step: int | None,
+        now: float,
+    ) -> SnapshotPolicy:
+        """The policy of a job (re)started at ``step`` whose server copy is at ``acked_step``
+        (None: the server holds nothing of ours): a restarted job whose server copy is
+        behind sends as soon as it can; a fresh one after its first interval."""
+        behind = step > 0 and (acked_step is None or acked_step < step)
+        sent_at = now - (every_seconds or 0.0) if behind else now
+        return cls(
+            every_steps,
+            every_seconds,
+            step=step,
+            now=now,
+            sent_step=0 if acked_step is None else acked_step,
+            sent_at=sent_at,
+        )
+
+    def _due(self, mark: _Mark, step: int, now: float) -> bool:
+        if step <= mark.step:
+            return False
+        if self.every_steps is not None and step - mark.step >= self.every_steps:
+            return True
+        return self.every_seconds is not None and now - mark.at >= self.every_seconds
+
+    def local_due(self, step: int, now: float) -> bool:
+        """Whether a local (journal) snapshot is due at ``step``."""
+        return self._due(self._local, step, now)
+
+    def send_due(self, step: int, now: float) -> bool:
+        """Whether a send is due (or owed) at ``step``; the runner offers only when the
+        session can, so a send due while one is in flight waits for it to settle."""
+        return self._forced or self._due(self._sent, step, now)
+
+    def force_send(self) -> None:
+        """The next send is due at once, whatever the step (after a NeedsFull)."""
+        self._forced = True
+
+    def took_local(self, step: int, now: float) -> None:
+        """A local snapshot of ``step`` was written."""
+        self._local = _Mark(step, now)
+
+    def sent(self, step: int, now: float) -> None:
+        """A snapshot of ``step`` was offered (its local copy was written too)."""
+        self._sent = _Mark(step, now)
+        self._local = _Mark(step, now)
+        self._forced = False
+
+    def expected_interval(
+        self, steps_per_second: float | None, transfer_seconds: float | None = None
+    ) -> tuple[float, float]:
+        """(seconds, steps) between two sends at this job's pace: the schedule's interval,
+        but never shorter than a transfer takes (stop-and-wait)."""
+        rate = steps_per_second if steps_per_second and steps_per_second > 0 else None
+        candidates = []
+        if self.every_seconds is not None:
+            candidates.append(self.every_seconds)
+        if self.every_steps is not None and rate is not None:
+            candidates.append(self.every_steps / rate)
+        seconds = min(candidates) if candidates else 30.0
+        if transfer_seconds is not None and transfer_seconds > seconds:
+            seconds = transfer_seconds
+        steps = seconds * rate if rate is not None else float(self.every_steps or 1)
+        return seconds, steps
+
+
+class StepRate:
+    """A job's steps per second, exponentially weighted over time (half-life in seconds)."""
+
+    def __init__(self, half_life: float = 10.0) -> None:
+        self.half_life = half_life
+        self._steps = 0.0
+        self._seconds = 0.0
+        self._last: tuple[int, float] | None = None
+
+    def observe(self, step: int, now: float) -> None:
+        if self._last is not None:
+            s0, t0 = self._last
+            dt = now - t0
+            if dt > 0 and step >= s0:
+                decay = 0.5 ** (dt / self.half_life)
+                self._steps = self._steps * decay + (step - s0)
+                self._seconds = self._seconds * decay + dt
+        self._last = (step, now)
+
+    def rate(self) -> float | None:
+        if self._seconds <= 0 or self._steps <= 0:
+            return None
+        return self._steps / self._seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# The link.
+
+
+class LinkCapacity:
+    """The uplink's rate in bytes per second, for the KV policy and the ack timeouts.
+
+    Samples: whole transfers (payload bytes over offer-to-ack seconds) of at least
+    ``min_bytes`` (smaller ones measure latency), and the transport's drain estimate taken
+    right after such a transfer (when the link was busy). The rate is the larger of the
+    smoothed transfer rate and the latest drain reading, never above ``cap`` (the
+    ``--max-kbps`` cap, in bytes per second). Before any sample: the cap, or
+    :data:`DEFAULT_LINK_RATE` when there is none."""
+
+    def __init__(
+        self, cap: float | None, *, default: float = DEFAULT_LINK_RATE, min_bytes: int = 4096
+    ) -> None:
+        if cap is not None and not cap > 0:
+            raise ConfigError(f"a link cap is > 0 bytes/s, not {cap}")
+        self.cap = cap
+        self.default = default
+        self.min_bytes = min_bytes
+        self._transfer: float | None = None
+        self._drain: float | None = None
+
+    def observe_transfer(
+        self, nbytes: int, seconds: float, drain_rate: float | None = None
+    ) -> None:
+        """A snapshot of ``nbytes`` took ``seconds`` from offer to ack; ``drain_rate`` is the
+        transport's estimate read at that moment."""
+        if nbytes < self.min_bytes or not seconds > 0:
+            return
+        self._transfer = _ewma(self._transfer, nbytes / seconds, 0.3)
+        if drain_rate is not None and drain_rate > 0:
+            self._drain = drain_rate
+
+    @property
+    def measured(self) -> bool:
+        return self._transfer is not None
+
+    def rate(self) -> float:
+        cap = math.inf if self.cap is None else self.cap
+        if self._transfer is None:
+            return self.cap if self.cap is not None else self.default
+        best = max(self._transfer, self._drain or 0.0)
+        return min(cap, best)
+
+
+# ---------------------------------------------------------------------------------------------
+# Derivable entries.
+
+
+@dataclass(frozen=True, slots=True)
+class KvDecision:
+    """Whether the next snapshot carries the derivable entries, and why (for the logs):
+    ``estimate`` is the bytes that snapshot would take with them (including, when they
+    are off, the whole entries that turning them on costs), ``budget`` what the link
+    carries in one interval at the utilization target."""
+
+    include: bool
+    reason: str
+    estimate: float = 0.0
+    budget: float = 0.0
+
+
+class KvPolicy:
+    """``[link] kv``: ``send`` always includes the derivable entries, ``recompute`` never,
+    ``auto`` while the link can afford them (see the module docstring).
+
+    Feed it every offer with :meth:`observe` (what the payload cost) and ask :meth:`decide`
+    before the next one. Estimates, all from observations:
+
+    * ``rest`` bytes per step: payloads without derivable entries, over the steps since
+      their base;
+    * derivable growth in raw bytes per step: from the state (the runner passes the
+      derivable entries' ``nbytes``);
+    * the codec's ratio on derivable bytes: from payloads with them, what they added over
+      ``rest``, per raw byte (1.0 until measured: float caches barely compress).
+
+    The next snapshot with derivables ~ ``(rest + growth x ratio) x steps``; turning them on
+    adds ``total x ratio``. ``utilization`` is the share of the link the snapshots may use.
+    Switching on needs the steady cost within ``switch_on_margin x`` the budget, and the
+    switching snapshot (the whole entries plus an interval's growth) within that much of
+    ``switch_on_intervals`` intervals' budget (it may take a little longer than one
+    interval, once); and not within ``min_hold`` snapshots of switching off."""
+
+    def __init__(
+        self,
+        mode: str,
+        *,
+        utilization: float = 0.5,
+        switch_on_margin: float = 0.7,
+        switch_on_intervals: float = 2.0,
+        min_hold: int = 3,
+    ) -> None:
+        if mode not in KV_MODES:
+            raise JobSpecError(f"kv policy must be one of {', '.join(KV_MODES)}, not {mode!r}")
+        if not (
+            0 < utilization <= 1
+            and 0 < switch_on_margin <= 1
+            and switch_on_intervals >= 1
+            and min_hold >= 0
+        ):
+            raise ConfigError(
+                "need 0 < utilization <= 1, 0 < switch_on_margin <= 1, "
+                "switch_on_intervals >= 1, min_hold >= 0"
+            )
+        self.mode = mode
+        self.utilization = utilization
+        self.switch_on_margin = switch_on_margin
+        self.switch_on_intervals = switch_on_intervals
+        self.min_hold = min_hold
+        self.on = mode == "send"
+        self._since_switch = min_hold  # decisions since the last switch
+        self._rest_per_step: float | None = None
+        self._ratio: float | None = None
+        self._growth_per_step: float | None = None
+        self._last_total: tuple[int, int] | None = None  # (step, raw derivable bytes)
+        self.last: KvDecision = KvDecision(self.on, f"kv = {mode}")
+
+    # -- observations ----------------------------------------------------------------------
+
+    def _growth(self, step: int, derivable_bytes: int) -> None:
+        if self._last_total is not None:
+            s0, b0 = self._last_total
+            if step > s0 and derivable_bytes >= b0:
+                self._growth_per_step = _ewma(
+                    self._growth_per_step, (derivable_bytes - b0) / (step - s0), 0.5
+                )
+        if self._last_total is None or step != self._last_total[0]:
+            self._last_total = (step, derivable_bytes)
+
+    def observe(
+        self,
+        *,
+        step: int,
+        base_step: int | None,
+        payload_bytes: int,
+        included: bool,
+        derivable_raw: int,
+    ) -> None:
+        """A snapshot of ``step`` was encoded as ``payload_bytes`` against a base at
+        ``base_step`` (None: full); ``included`` whether it carried the derivable entries,
+        ``derivable_raw`` the raw bytes of them it had to carry (the growth since the base,
+        or all of them when the base had none)."""
+        steps = max(1, step - (base_step or 0))
+        if not included:
+            self._rest_per_step = _ewma(self._rest_per_step, payload_bytes / steps, 0.3)
+            return
+        if derivable_raw <= 0:
+            return
+        rest = (self._rest_per_step or 0.0) * steps
+        ratio = (payload_bytes - rest) / derivable_raw
+        self._ratio = _ewma(self._ratio, min(100.0, max(0.05, ratio)), 0.3)
+
+    # -- the decision ----------------------------------------------------------------------
+
+    def estimates(self, steps: float, derivable_bytes: int) -> tuple[float, float]:
+        """(bytes of the next snapshot with derivables at their growth, extra bytes of
+        sending the derivable entries whole)."""
+        ratio = 1.0 if self._ratio is None else self._ratio
+        growth = self._growth_per_step or 0.0
+        rest = self._rest_per_step or 0.0
+        return (rest + growth * ratio) * steps, derivable_bytes * ratio
+
+    def decide(
+        self,
+        *,
+        step: int,
+        derivable_bytes: int,
+        link_rate: float,
+        interval_s: float,
+        steps_per_interval: float,
+    ) -> KvDecision:
+        """Whether the snapshot about to be offered includes the derivable entries.
+        ``derivable_bytes``: their raw size in the job's state now; ``link_rate`` in bytes
+        per second (:class:`LinkCapacity`); ``interval_s``/``steps_per_interval``: until the
+        snapshot after this one (:meth:`SnapshotPolicy.expected_interval`)."""
+        self._growth(step, derivable_bytes)
+        if self.mode != "auto":
+            self.last = KvDecision(self.mode == "send", f"kv = {self.mode}")
+            return self.last
+        budget = link_rate * interval_s * self.utilization
+        steady, whole = self.estimates(steps_per_interval, derivable_bytes)
+        self._since_switch += 1
+        if self.on:
+            if steady <= budget:
+                d = KvDecision(True, "fits the link", steady, budget)
+            else:
+                d = self._switch(False, "the link cannot carry it", steady, budget)
+        else:
+            cost = steady + whole
+            room = budget * self.switch_on_margin
+            if self._since_switch <= self.min_hold:
+                d = KvDecision(False, "holding after a switch", cost, budget)
+            elif steady <= room and cost <= room * self.switch_on_intervals:
+                d = self._switch(True, "the link can carry it", cost, budget)
+            else:
+                d = KvDecision(False, "the link cannot carry it", cost, budget)
+        self.last = d
+        return d
+
+    def _switch(self, on: bool, reason: str, estimate: float, budget: float) -> KvDecision:
+        self.on = on
+        self._since_switch = 0
+        return KvDecision(on, reason, estimate, budget)
