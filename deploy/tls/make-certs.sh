@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Make a test certificate authority, a broker certificate and client certificates.
+#   make-certs.sh OUTDIR [BROKER_HOSTNAME] [DEVICE_ID ...]
+# Writes OUTDIR/ca.{crt,key}, OUTDIR/server.{crt,key} (SAN: BROKER_HOSTNAME, localhost,
+# 127.0.0.1) and OUTDIR/<device>.{crt,key} for each DEVICE_ID (CN = device id, for
+# Mosquitto's use_identity_as_username). For production, use your own PKI.
+set -euo pipefail
+out="${1:?usage: make-certs.sh OUTDIR [BROKER_HOSTNAME] [DEVICE_ID ...]}"
+host="${2:-localhost}"
+shift $(( $# >= 2 ? 2 : 1 ))
+mkdir -p "$out"
+cd "$out"
+days=825
+if [ ! -f ca.key ]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days "$days" \
+        -subj "/CN=edge-resume test CA" -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+fi
+sign() {  # name cn extfile
+    openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "/CN=$2" 2>/dev/null
+    openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$1.crt" \
+        -days "$days" -extfile "$3" 2>/dev/null
+    rm -f "$1.csr" "$3"
+    chmod 600 "$1.key"
+}
+printf 'subjectAltName=DNS:%s,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' "$host" > server.ext
+sign server "$host" server.ext
+for dev in "$@"; do
+    printf 'extendedKeyUsage=clientAuth\n' > "$dev.ext"
+    sign "$dev" "$dev" "$dev.ext"
+done
+chmod 600 ca.key
+echo "certificates in $out: ca.crt server.crt $(for d in "$@"; do printf '%s.crt ' "$d"; done)"
