@@ -8,7 +8,8 @@ PY="${PYTHON:-python3}"
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
 
 # System packages the tests need: Mosquitto (a real broker), Chromium + its driver (the
-# status page's browser test), openssl (test certificates). Installed only when missing.
+# status page's browser test), openssl (test certificates), zstd and xdelta3 (the codec
+# benchmark's peers). Installed only when missing.
 # scripts/demo sets EDGE_RESUME_SETUP_FOR=demo: it needs only Mosquitto, and runs without it
 # (an embedded broker), so a machine without apt or root still gets the demo.
 need=()
@@ -17,6 +18,9 @@ if [ "${EDGE_RESUME_SETUP_FOR:-test}" != demo ]; then
     command -v chromium >/dev/null || need+=(chromium)
     command -v chromedriver >/dev/null || need+=(chromium-driver)
     command -v openssl >/dev/null || need+=(openssl)
+    # the codec benchmark's peers (its harness test runs them when present)
+    command -v zstd >/dev/null || need+=(zstd)
+    command -v xdelta3 >/dev/null || need+=(xdelta3)
     missing="tests that need them will fail"
 else
     missing="the demo uses its embedded broker (amqtt)"
