@@ -9,7 +9,9 @@
 * the broker configurations (``mosquitto.conf`` installed as deploy/README.md says, and
   ``compose.conf`` with exactly the files compose mounts) start a real Mosquitto with the
   generated passwords, certificates and ACL: the server user and a device over TLS get in,
-  a wrong password does not, and the ACL keeps a device to its own topics.
+  a wrong password does not, the ACL keeps a device to its own topics, and another device
+  connecting with its client id does not take its connection over (tests/test_security.py
+  tests security in depth).
 
 Docker itself is not run (no engine here); ``systemd-analyze verify`` is not run by the tests
 (docs say how to run it).
