@@ -9,7 +9,9 @@
 * the broker configurations (``mosquitto.conf`` installed as deploy/README.md says, and
   ``compose.conf`` with exactly the files compose mounts) start a real Mosquitto with the
   generated passwords, certificates and ACL: the server user and a device over TLS get in,
-  a wrong password does not, and the ACL keeps a device to its own topics.
+  a wrong password does not, the ACL keeps a device to its own topics, and another device
+  connecting with its client id does not take its connection over (tests/test_security.py
+  tests security in depth).
 
 Docker itself is not run (no engine here); ``systemd-analyze verify`` is not run by the tests
 (docs say how to run it).
@@ -17,7 +19,6 @@ Docker itself is not run (no engine here); ``systemd-analyze verify`` is not run
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -37,7 +38,13 @@ from edge_agent.transport import Message, TLSOptions, Transport, TransportConfig
 from server.cli import app
 from server.config import load_config
 from server.worker import ResumePolicy
-from tests.support.broker import free_port, mosquitto_binary
+from tests.support.broker import free_port
+from tests.support.deploy_broker import (
+    DeployBroker,
+    MosquittoProcess,
+    install_deploy,
+    rewrite_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -213,8 +220,11 @@ def bind_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def secrets_deploy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    """A copy of deploy/ after ``compose-secrets.sh localhost gw-1 gw-2`` (gw-1's password)."""
+def secrets_deploy(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A copy of deploy/ after ``compose-secrets.sh localhost gw-1 gw-2`` (the devices'
+    passwords)."""
     root = tmp_path_factory.mktemp("compose")
     deploy = root / "deploy"
     shutil.copytree(DEPLOY, deploy, ignore=shutil.ignore_patterns("secrets", "*.onnx"))
@@ -225,12 +235,12 @@ def secrets_deploy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[P
         check=True,
         timeout=120,
     ).stdout
-    m = re.search(r"^password for gw-1: (\S+)$", out, re.M)
-    assert m, out
-    yield deploy, m.group(1)
+    pws = dict(re.findall(r"^password for (gw-[12]): (\S+)$", out, re.M))
+    assert set(pws) == {"gw-1", "gw-2"}, out
+    yield deploy, pws
 
 
-def test_compose_mounts_only_files_that_exist(secrets_deploy: tuple[Path, str]) -> None:
+def test_compose_mounts_only_files_that_exist(secrets_deploy: tuple[Path, dict[str, str]]) -> None:
     deploy, _ = secrets_deploy
     doc = compose()
     assert set(doc["services"]) == {"broker", "server"}
@@ -302,46 +312,6 @@ def test_the_dockerfile_copies_what_exists_and_serves_the_api() -> None:
 # The broker configurations on a real Mosquitto
 
 
-class Mosq:
-    def __init__(self, conf: Path, log: Path) -> None:
-        self.proc = subprocess.Popen(
-            [mosquitto_binary(), "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self.log = log
-
-    def wait(self, port: int) -> None:
-        import socket
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise AssertionError(f"mosquitto exited: {err}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("mosquitto did not listen")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        if self.proc.stderr:
-            self.proc.stderr.close()
-
-
-def rewrite(text: str, replacements: list[tuple[str, str]]) -> str:
-    for old, new in replacements:
-        assert old in text, f"{old!r} not in the config any more"
-        text = text.replace(old, new)
-    if os.geteuid() == 0:  # as root, Mosquitto would switch to its user: keep root here
-        text += "\nuser root\n"
-    return text
-
-
 def client(url: str, cid: str, *, user: str, password: str, ca: Path | None = None) -> Transport:
     tls = TLSOptions(ca_file=str(ca)) if ca is not None else None
     t = Transport(
@@ -362,13 +332,15 @@ def first_message(t: Transport, timeout: float) -> Message | None:
     return None
 
 
-def check_broker(plain: int, tls: int, server_pw: str, gw1_pw: str, ca: Path) -> None:
+def check_broker(plain: int, tls: int, server_pw: str, gw1_pw: str, gw2_pw: str, ca: Path) -> None:
     """The server user on the plain listener, gw-1 over TLS; a wrong password is refused;
-    the ACL keeps gw-1 to its own topics."""
+    the ACL keeps gw-1 to its own topics; gw-2 connecting with gw-1's client id does not
+    take gw-1's connection over (tests/test_security.py has the details)."""
     server = client(f"mqtt://127.0.0.1:{plain}", "edge-server", user="edge-server",
                     password=server_pw)  # fmt: skip
     gw1 = client(f"mqtts://127.0.0.1:{tls}", "gw-1", user="gw-1", password=gw1_pw, ca=ca)
     bad = client(f"mqtts://127.0.0.1:{tls}", "gw-1b", user="gw-1", password="wrong", ca=ca)
+    intruder = None
     try:
         server.wait_connected(10)
         gw1.wait_connected(10)
@@ -377,59 +349,39 @@ def check_broker(plain: int, tls: int, server_pw: str, gw1_pw: str, ca: Path) ->
         server.subscribe("edge-resume/v1/#")
         with pytest.raises(TransportError, match="Not authorized"):  # not gw-1's topic
             gw1.publish("edge-resume/v1/gw-2/hb", b"forged").result(10)
+        intruder = client(f"mqtts://127.0.0.1:{tls}", "gw-1", user="gw-2", password=gw2_pw,
+                          ca=ca)  # fmt: skip
+        intruder.wait_connected(10)
         gw1.publish("edge-resume/v1/gw-1/hb", b"mine").result(10)
         got = first_message(server, 5)
         assert got is not None and (got.topic, got.payload) == ("edge-resume/v1/gw-1/hb", b"mine")
         assert first_message(server, 0.5) is None
+        assert gw1.connected and gw1.stats().disconnects == 0  # not kicked off by gw-2
     finally:
-        for t in (server, gw1, bad):
-            t.close(timeout=2)
+        for t in (server, gw1, bad, intruder):
+            if t is not None:
+                t.close(timeout=2)
 
 
 @pytest.mark.integration
 def test_mosquitto_conf_installed_as_documented_works(tmp_path: Path) -> None:
     """deploy/mosquitto/mosquitto.conf under /etc/edge-resume (here: a temporary root), with
-    add-user.sh's password file and make-certs.sh's certificates."""
-    root = tmp_path / "root"
-    etc = root / "etc/edge-resume"
-    (etc / "mosquitto/conf.d").mkdir(parents=True)
-    (root / "var/lib/edge-resume/mosquitto").mkdir(parents=True)
-    m = DEPLOY / "mosquitto"
-    shutil.copy(m / "edge-resume.conf", etc / "mosquitto/conf.d/")
-    shutil.copy(m / "acl", etc / "mosquitto/")
-    subprocess.run([m / "add-user.sh", etc / "mosquitto/passwd", "edge-server", "srv-pw"],
-                   check=True, capture_output=True)  # fmt: skip
-    subprocess.run([m / "add-user.sh", etc / "mosquitto/passwd", "gw-1", "gw1-pw"],
-                   check=True, capture_output=True)  # fmt: skip
-    subprocess.run([DEPLOY / "tls/make-certs.sh", etc / "tls", "localhost"],
-                   check=True, capture_output=True)  # fmt: skip
-    tls, plain = free_port(), free_port()
-    conf = rewrite(
-        (m / "mosquitto.conf").read_text(),
-        [
-            ("/etc/edge-resume/", f"{etc}/"),
-            ("/var/lib/edge-resume/", f"{root}/var/lib/edge-resume/"),
-            ("log_dest syslog", f"log_dest file {root}/mosquitto.log"),
-            ("listener 8883\n", f"listener {tls} 127.0.0.1\n"),
-            ("listener 1883 127.0.0.1\n", f"listener {plain} 127.0.0.1\n"),
-        ],
+    add-user.sh's password file and make-certs.sh's certificates
+    (tests/support/deploy_broker.py)."""
+    inst = install_deploy(
+        tmp_path / "root", {"edge-server": "srv-pw", "gw-1": "gw1-pw", "gw-2": "gw2-pw"}
     )
-    (etc / "mosquitto/mosquitto.conf").write_text(conf)
-    broker = Mosq(etc / "mosquitto/mosquitto.conf", root / "mosquitto.log")
-    try:
-        broker.wait(tls)
-        check_broker(plain, tls, "srv-pw", "gw1-pw", etc / "tls/ca.crt")
-    finally:
-        broker.stop()
+    with DeployBroker(inst, tmp_path / "broker") as b:
+        check_broker(b.plain_port, b.tls_port, "srv-pw", "gw1-pw", "gw2-pw", inst.ca)
 
 
 @pytest.mark.integration
 def test_compose_broker_config_with_the_mounted_files_works(
-    tmp_path: Path, secrets_deploy: tuple[Path, str]
+    tmp_path: Path, secrets_deploy: tuple[Path, dict[str, str]]
 ) -> None:
     """compose.conf with exactly the files compose.yaml mounts (placed where the container
     would see them, under a temporary root), made by compose-secrets.sh."""
-    deploy, gw1_pw = secrets_deploy
+    deploy, pws = secrets_deploy
     root = tmp_path / "container"
     for source, target in bind_mounts(compose()["services"]["broker"]):
         dest = root / target.lstrip("/")
@@ -442,7 +394,7 @@ def test_compose_broker_config_with_the_mounted_files_works(
     (root / "mosquitto/data").mkdir(parents=True)
     tls, plain = free_port(), free_port()
     conf_path = root / "mosquitto/config/mosquitto.conf"
-    conf = rewrite(
+    conf = rewrite_config(
         conf_path.read_text(),
         [
             ("/mosquitto/", f"{root}/mosquitto/"),
@@ -453,9 +405,10 @@ def test_compose_broker_config_with_the_mounted_files_works(
     )
     conf_path.write_text(conf)
     server_pw = (deploy / "secrets/broker-password").read_text().strip()
-    broker = Mosq(conf_path, root / "mosquitto.log")
+    broker = MosquittoProcess(conf_path, root / "mosquitto.log")
     try:
         broker.wait(tls)
-        check_broker(plain, tls, server_pw, gw1_pw, deploy / "secrets/tls/ca.crt")
+        ca = deploy / "secrets/tls/ca.crt"
+        check_broker(plain, tls, server_pw, pws["gw-1"], pws["gw-2"], ca)
     finally:
         broker.stop()

@@ -4,10 +4,21 @@
 # Writes OUTDIR/ca.{crt,key}, OUTDIR/server.{crt,key} (SAN: BROKER_HOSTNAME, localhost,
 # 127.0.0.1) and OUTDIR/<device>.{crt,key} for each DEVICE_ID (CN = device id, for
 # Mosquitto's use_identity_as_username). For production, use your own PKI.
+# A DEVICE_ID is what add-user.sh takes: letters, digits, '_', '.', '-' (at most 64, not
+# starting with '_', '.' or '-'), and not "ca" or "server" (those files are the CA's and the
+# broker's). Anything else (a '/', '+', '#' or a space would change the ACL's topics) is
+# refused before anything is written.
 set -euo pipefail
 out="${1:?usage: make-certs.sh OUTDIR [BROKER_HOSTNAME] [DEVICE_ID ...]}"
 host="${2:-localhost}"
 shift $(( $# >= 2 ? 2 : 1 ))
+for dev in "$@"; do
+    if ! [[ "$dev" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ ]] || [ "$dev" = ca ] || [ "$dev" = server ]; then
+        echo "make-certs.sh: '$dev' is not a valid device id (letters, digits, '_', '.', '-';" \
+            "at most 64; not 'ca' or 'server')" >&2
+        exit 2
+    fi
+done
 mkdir -p "$out"
 cd "$out"
 days=825

@@ -8,7 +8,8 @@
 
 Its jobs are ``generate``-shaped (``tokens`` with a prompt, ``step``, ``prompt_len``), so a
 completed job's outputs can be read by the server. The transport has the device's real MQTT
-will (a retained STATUS offline). Nothing here is server code.
+will (a retained STATUS offline), and optionally credentials and TLS (``username``,
+``password``, ``tls``: a broker configured as deploy/ ships it). Nothing here is server code.
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ from edge_agent.protocol import (
     TakenOver,
     TopicNamespace,
 )
-from edge_agent.transport import Connected, Message, Transport, TransportConfig, Will
+from edge_agent.transport import (
+    Connected,
+    Message,
+    TLSOptions,
+    Transport,
+    TransportConfig,
+    Will,
+)
 
 PROMPT = np.array([72, 105, 33], np.int64)  # "Hi!"
 
@@ -88,6 +96,9 @@ class SimDevice:
         namespace: TopicNamespace | None = None,
         session: str | None = None,
         config: AgentConfig | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        tls: TLSOptions | None = None,
     ) -> None:
         self.namespace = namespace or TopicNamespace()
         self.agent = AgentDevice(device, session or uuid.uuid4().hex[:12], self.namespace)
@@ -98,6 +109,9 @@ class SimDevice:
             TransportConfig(
                 broker=url,
                 client_id=device,
+                username=username,
+                password=password,
+                tls=tls,
                 will=Will(w.topic, w.payload, w.qos, w.retain),
                 backoff_initial=0.05,
                 backoff_max=0.5,
