@@ -11,7 +11,10 @@
 baseline (the cache at half the final length, plus the tokens, the step and the sampler's
 state) and 10 deltas, each growing the cache by 5% of the final length (fp16, 8 layers,
 8 heads, head_dim 64: 16 KiB a token). Each chain is encoded once with the codec in use
-(not timed) and replayed, every run from the payloads to a verified host state:
+(not timed), twice: **as sent** (the baseline at the device's default level ``small``) and
+**as compacted** (the baseline at ``fast``, as the store's compaction rewrites it:
+``CompactionPolicy.baseline_level``); the deltas are the device's either way. Each is
+replayed, every run from the payloads to a verified host state:
 
 * ``numpy``: ``edge_agent.codec.apply_delta`` per payload (every state hash checked);
 * ``torch cpu``: ``server.replay`` on the CPU (the torch backend when the codec has
@@ -87,10 +90,13 @@ def kv_chain(size_bytes: float, seed: int = 0) -> list[dict[str, Any]]:
     return states
 
 
-def encode_chain(states: Sequence[dict[str, Any]]) -> list[bytes]:
+def encode_chain(states: Sequence[dict[str, Any]], baseline_level: str = "small") -> list[bytes]:
+    """The chain as stored: the baseline at ``baseline_level`` ("small", the device's
+    default, as a device sends it; "fast", as the store's compaction writes it), then the
+    deltas as the device sends them (the codec's default level)."""
     from edge_agent.codec import encode_delta
 
-    out = [encode_delta(None, states[0])]
+    out = [encode_delta(None, states[0], level=baseline_level)]  # type: ignore[arg-type]
     out += [encode_delta(a, b) for a, b in itertools.pairwise(states)]
     return out
 
@@ -114,17 +120,15 @@ def bench_replay(sizes_mb: Sequence[float], repeat: int) -> list[dict[str, Any]]
     rows: list[dict[str, Any]] = []
     for mb in sizes_mb:
         states = kv_chain(mb * MB)
-        payloads = encode_chain(states)
+        chains = {
+            "as sent": encode_chain(states, "small"),
+            "as compacted": encode_chain(states, "fast"),
+        }
         want = state_hash(states[-1])
         state_bytes = sum(v.nbytes for v in states[-1].values() if isinstance(v, np.ndarray))
         del states
-        chain = {
-            "payloads": len(payloads),
-            "payload_bytes": sum(map(len, payloads)),
-            "state_bytes": state_bytes,
-        }
 
-        def run(backend: str, device: str, ps: list[bytes] = payloads, h: bytes = want) -> Any:
+        def run(backend: str, device: str, ps: list[bytes], h: bytes = want) -> Any:
             def once() -> Any:
                 r = replay_payloads(ps, backend=backend, device=device)  # type: ignore[arg-type]
                 assert r.state_hash == h
@@ -134,26 +138,33 @@ def bench_replay(sizes_mb: Sequence[float], repeat: int) -> list[dict[str, Any]]
 
         targets = [("numpy", "numpy", "cpu"), ("torch cpu", "auto", "cpu")]
         if torch.cuda.is_available():
-            run("auto", "cuda")()  # warm-up: CUDA context and kernels
+            run("auto", "cuda", chains["as sent"])()  # warm-up: CUDA context and kernels
             targets.append(("torch cuda", "auto", "cuda"))
-        for label, backend, device in targets:
-            secs, r = _median_time(run(backend, device), repeat)
-            rows.append({
-                "measure": f"replay, {label}",
-                "state_mb": round(state_bytes / MB, 2),
-                "backend": r.backend,
-                "device": r.device,
-                "seconds": secs,
-                "gb_per_s": state_bytes / secs / 1e9,
-                **chain,
-            })  # fmt: skip
-        if not torch.cuda.is_available():
-            rows.append({
-                "measure": "replay, torch cuda",
-                "state_mb": round(state_bytes / MB, 2),
-                "backend": None, "device": None, "seconds": None, "gb_per_s": None,
-                "note": "no GPU", **chain,
-            })  # fmt: skip
+        for how, payloads in chains.items():
+            chain = {
+                "baseline": how,
+                "payloads": len(payloads),
+                "payload_bytes": sum(map(len, payloads)),
+                "state_bytes": state_bytes,
+            }
+            for label, backend, device in targets:
+                secs, r = _median_time(run(backend, device, payloads), repeat)
+                rows.append({
+                    "measure": f"replay {how}, {label}",
+                    "state_mb": round(state_bytes / MB, 2),
+                    "backend": r.backend,
+                    "device": r.device,
+                    "seconds": secs,
+                    "gb_per_s": state_bytes / secs / 1e9,
+                    **chain,
+                })  # fmt: skip
+            if not torch.cuda.is_available():
+                rows.append({
+                    "measure": f"replay {how}, torch cuda",
+                    "state_mb": round(state_bytes / MB, 2),
+                    "backend": None, "device": None, "seconds": None, "gb_per_s": None,
+                    "note": "no GPU", **chain,
+                })  # fmt: skip
     return rows
 
 

@@ -80,6 +80,7 @@ class StoreConfig:
     retain_interval_s: float = 600.0  # retention and orphan collection
     delta_ratio: float = 1.0  # compaction policy (docs/store.md)
     max_deltas: int = 32
+    baseline_level: str = "fast"  # codec level of compacted baselines: "fast" or "small"
     keep_baselines: int = 1  # retention policy
     orphan_grace_s: float = 600.0
 
@@ -321,6 +322,7 @@ def _validate(cfg: ServerConfig) -> None:
         (s.retain_interval_s > 0, "store.retain_interval_s must be > 0"),
         (s.delta_ratio > 0, "store.delta_ratio must be > 0"),
         (s.max_deltas >= 1, "store.max_deltas must be >= 1"),
+        (s.baseline_level in ("fast", "small"), "store.baseline_level must be fast or small"),
         (s.keep_baselines >= 1, "store.keep_baselines must be >= 1"),
         (s.orphan_grace_s >= 0, "store.orphan_grace_s must be >= 0"),
         (i.max_transfer >= 1, "ingest.max_transfer must be >= 1"),

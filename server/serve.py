@@ -155,7 +155,11 @@ class Server:
         if self._store is None:
             self._store = SQLiteStore(
                 cfg.store.path,
-                compaction=CompactionPolicy(cfg.store.delta_ratio, cfg.store.max_deltas),
+                compaction=CompactionPolicy(
+                    cfg.store.delta_ratio,
+                    cfg.store.max_deltas,
+                    "small" if cfg.store.baseline_level == "small" else "fast",
+                ),
                 retention=RetentionPolicy(cfg.store.keep_baselines, cfg.store.orphan_grace_s),
             )
         self.store = store = self._store

@@ -39,12 +39,22 @@ def test_bench_runs_and_writes_json(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     measures = [r["measure"] for r in data["results"]]
     assert measures == [
-        "replay, numpy",
-        "replay, torch cpu",
-        "replay, torch cuda",
+        "replay as sent, numpy",
+        "replay as sent, torch cpu",
+        "replay as sent, torch cuda",
+        "replay as compacted, numpy",
+        "replay as compacted, torch cpu",
+        "replay as compacted, torch cuda",
         "resume to first step, generate (KV cache sent)",
         "resume to first step, generate (KV rebuilt by replay)",
     ]
     for r in data["results"]:
         assert r.get("note") == "no GPU" or r["seconds"] > 0
-    assert "replay, torch cuda" in proc.stdout and "GB/s" in proc.stdout
+    assert "replay as sent, torch cuda" in proc.stdout and "GB/s" in proc.stdout
+    sent, compacted = (
+        next(r for r in data["results"] if r["measure"] == f"replay {how}, numpy")
+        for how in ("as sent", "as compacted")
+    )
+    # the same states; the compacted baseline is LZ4 only, so larger on random fp16
+    assert sent["state_bytes"] == compacted["state_bytes"]
+    assert compacted["payload_bytes"] > sent["payload_bytes"]

@@ -462,6 +462,29 @@ def test_compaction_rule_and_switch(tmp_path: Path) -> None:
         assert s.verify().ok
 
 
+@pytest.mark.parametrize("level", ["fast", "small", None])
+def test_compaction_writes_baselines_at_the_policys_level(
+    tmp_path: Path, level: str | None
+) -> None:
+    policy = CompactionPolicy() if level is None else CompactionPolicy(baseline_level=level)  # type: ignore[arg-type]
+    want = level or "fast"  # the default: the server reads baselines more than links carry them
+    with SQLiteStore(tmp_path / "s", compaction=policy) as s:
+        born(s)
+        for seq in (1, 2, 3):
+            commit(s, seq)
+        assert s.compact(JOB, force=True).compacted
+        (rec,) = s.chain(JOB)
+        stored = s.blobs.get(rec.blob)
+        assert stored == encode_delta(None, state_for(3), level=want)  # type: ignore[arg-type]
+        assert rec.received_size == len(snapshot_for(3)[1]) and rec.size == len(stored)
+        assert s.load_state(JOB).state_hash == hash_for(3)
+
+
+def test_compaction_policy_refuses_an_unknown_level() -> None:
+    with pytest.raises(StoreError, match="baseline_level must be 'small' or 'fast', not 'tiny'"):
+        CompactionPolicy(baseline_level="tiny")  # type: ignore[arg-type]
+
+
 def test_compaction_by_bytes(tmp_path: Path) -> None:
     # A ratio between what the deltas 2..3 and 2..4 weigh against the baseline at 1: the
     # first is under it, the second over it, whatever the codec's exact sizes.

@@ -1135,7 +1135,7 @@ class SQLiteStore(Store):
         if due:
             loaded = self.load_state(job, top.seq)
             try:
-                payload = encode_delta(None, loaded.state)
+                payload = encode_delta(None, loaded.state, level=self.compaction.baseline_level)
             except (CodecError, StateError) as exc:
                 raise StoreError(f"job {job}: cannot encode a baseline: {exc}") from exc
             new_size = len(payload)
