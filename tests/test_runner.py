@@ -77,7 +77,8 @@ class FakeLink:
         pass
 
     def publish(self, topic: str, payload: bytes, **kw: Any) -> FakeTicket:
-        msg = decode(payload)
+        t = NS.parse(topic)
+        msg = decode(payload, t.device, t.job)
         self.sent.append(msg)
         if self.hook is not None:
             self.hook(msg)

@@ -40,7 +40,8 @@ class Sent:
 
     @property
     def message(self) -> Message:
-        return decode(self.payload)
+        t = TopicNamespace().parse(self.topic)
+        return decode(self.payload, t.device, t.job)
 
 
 class RecordingPublisher:
