@@ -58,7 +58,7 @@ if str(REPO) not in sys.path:
 
 from edge_agent.errors import EdgeResumeError  # noqa: E402
 from edge_agent.models import build_all  # noqa: E402
-from edge_agent.protocol import Snap, decode  # noqa: E402
+from edge_agent.protocol import Snap, TopicNamespace, decode_incoming  # noqa: E402
 from tests.support.agent_proc import AgentProcess, write_job  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
 from tests.support.mini_server import MiniServer, wait_for  # noqa: E402
@@ -87,6 +87,9 @@ class WireAccount:
 
     bytes: dict[str, int] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)
+    namespace: TopicNamespace = field(default_factory=TopicNamespace)
+    v5: bool = True  # set from the CONNECT packet
+    aliases: dict[tuple[str, int], str] = field(default_factory=dict)  # (direction, alias)
 
     def add(self, key: str, n: int) -> None:
         self.bytes[key] = self.bytes.get(key, 0) + n
@@ -94,18 +97,30 @@ class WireAccount:
 
     def packet(self, direction: str, pkt: bytes) -> None:
         kind = _PACKET.get(pkt[0] >> 4, f"type{pkt[0] >> 4}")
+        if kind == "CONNECT":
+            _, i = _varint(pkt, 1)
+            nlen = int.from_bytes(pkt[i : i + 2], "big")
+            self.v5 = pkt[i + 2 + nlen] == 5  # the protocol level
         if kind != "PUBLISH":
             self.add(f"{direction} {kind}", len(pkt))
             return
         qos = (pkt[0] >> 1) & 3
         _, i = _varint(pkt, 1)
         tlen = int.from_bytes(pkt[i : i + 2], "big")
+        topic = pkt[i + 2 : i + 2 + tlen].decode("utf-8", "replace")
         i += 2 + tlen + (2 if qos else 0)
-        plen, i = _varint(pkt, i)
-        i += plen
+        if self.v5:
+            plen, i = _varint(pkt, i)
+            props, i = pkt[i : i + plen], i + plen
+            alias = _topic_alias(props)
+            if alias is not None:
+                if topic:
+                    self.aliases[direction, alias] = topic
+                else:
+                    topic = self.aliases.get((direction, alias), "")
         payload = pkt[i:]
-        try:
-            msg = decode(payload)
+        try:  # the payload names neither device nor job: the topic does
+            msg = decode_incoming(self.namespace, topic, payload).message
             name = msg.TYPE
         except EdgeResumeError:
             msg, name = None, "other"
@@ -121,6 +136,30 @@ class WireAccount:
 
     def n(self, key: str) -> int:
         return self.count.get(key, 0)
+
+
+def _topic_alias(props: bytes) -> int | None:
+    """The Topic Alias (0x23) among a PUBLISH's MQTT 5 properties, if any."""
+    j = 0
+    while j < len(props):
+        ident = props[j]
+        j += 1
+        if ident == 0x23:
+            return int.from_bytes(props[j : j + 2], "big")
+        if ident in (0x01,):  # byte
+            j += 1
+        elif ident in (0x02,):  # four-byte int
+            j += 4
+        elif ident in (0x0B,):  # varint
+            _, j = _varint(props, j)
+        elif ident in (0x03, 0x08, 0x09):  # utf-8 string / binary data
+            j += 2 + int.from_bytes(props[j : j + 2], "big")
+        elif ident == 0x26:  # user property: a string pair
+            j += 2 + int.from_bytes(props[j : j + 2], "big")
+            j += 2 + int.from_bytes(props[j : j + 2], "big")
+        else:
+            return None
+    return None
 
 
 class CountingProxy(MqttProxy):

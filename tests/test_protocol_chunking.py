@@ -38,8 +38,7 @@ def test_split_fits_and_reassembles_in_any_order(
     )
     assert all(len(encode(s)) <= max_message for s in snaps)
     assert len(snaps) == -(
-        -size
-        // (max_message - snap_overhead(MAX_INT, MAX_INT, MAX_INT - 1, MAX_INT, size))
+        -size // (max_message - snap_overhead(MAX_INT, MAX_INT, MAX_INT - 1, MAX_INT, size))
     )
     order = list(snaps)
     rnd.shuffle(order)

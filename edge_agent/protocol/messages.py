@@ -48,6 +48,7 @@ __all__ = [
     "MAX_SPEC_DEPTH",
     "PROTOCOL_VERSION",
     "REASONS",
+    "TYPE_CODES",
     "Ack",
     "Birth",
     "Ctl",
@@ -64,7 +65,6 @@ __all__ = [
     "Snap",
     "Status",
     "Sync",
-    "TYPE_CODES",
     "chunk_span",
     "decode",
     "encode",
@@ -631,9 +631,7 @@ def decode(data: bytes | bytearray | memoryview, device: str, job: str | None = 
     names = _SNAP_WHOLE_FIELDS if whole else _WIRE_FIELDS[cls]
     kind = cls.TYPE
     if len(raw) < 2 + len(names):
-        raise MalformedMessage(
-            f"a {kind} message has {len(names)} fields, this one {len(raw) - 2}"
-        )
+        raise MalformedMessage(f"a {kind} message has {len(names)} fields, this one {len(raw) - 2}")
     kwargs: dict[str, Any] = dict(zip(names, raw[2 : 2 + len(names)], strict=True))
     for name in names:  # extra fields are ignored
         choices = _ENUMS.get((cls, name))
@@ -660,4 +658,4 @@ def decode(data: bytes | bytearray | memoryview, device: str, job: str | None = 
         msg = cls(device, **kwargs)
     except LocalProtocolError as exc:  # the same field table validates both directions
         raise MalformedMessage(str(exc)) from None
-    return msg  # type: ignore[no-any-return]
+    return msg
