@@ -82,14 +82,18 @@ class OverheadBudget:
     """How many steps a send should carry so that its fixed cost stays within ``budget`` of
     its payload (``[snapshot] overhead_budget``; 0.10: at most 10%).
 
-    Fed after each acknowledged *delta* send with :meth:`observe`: the steps it covered
-    (since its base), its payload bytes and its fixed cost, measured by the runner from what
-    went out and came back for it (the ``snap`` headers and checks, their MQTT framing and
-    PUBACKs, the server's ACK with its framing). It fits ``payload ~ a + b x steps`` over the
-    last few sends (least squares once two differ in steps; before that ``b = payload /
-    steps``, and the next send corrects it) and :meth:`min_steps` answers ``(cost / budget -
-    a) / b``: None when no send has been measured, when payloads do not grow with steps (a
-    longer interval would not help), or when the payload already carries the cost.
+    Fed after each acknowledged send with :meth:`observe`: the steps it covered (since its
+    base; for a full snapshot, since the job's start), its payload bytes and its fixed cost,
+    measured by the runner from what went out and came back for it (the ``snap`` headers and
+    checks, their MQTT framing and PUBACKs, the server's ACK with its framing). It fits
+    ``payload ~ a + b x steps`` over the last few deltas (least squares once two differ in
+    steps; before that ``b = payload / steps``, and the next send corrects it; a full
+    snapshot stands in until a delta is measured). The next send should carry at least
+    ``cost / budget`` bytes, and, so that the job's sends *together* stay within the budget
+    (the first ones, and a short final one, cost as much as any), at least ``(all costs so
+    far + cost) / budget - all payloads so far``. :meth:`min_steps` turns that into steps:
+    None when no send has been measured, when payloads do not grow with steps (a longer
+    interval would not help), or when the payload already carries the cost.
 
     ``max_lag_seconds`` bounds the wait: :class:`SnapshotPolicy` sends anyway once that long
     (less the last offer-to-ack time, so that the copy lands within it) has passed since the
@@ -112,15 +116,26 @@ class OverheadBudget:
         self.max_lag_seconds = max_lag_seconds
         self.window = window
         self._points: list[tuple[int, int]] = []  # (steps, payload bytes) of recent deltas
+        self._full: tuple[int, int] | None = None  # the last full snapshot's, until a delta
         self._cost: float | None = None  # fixed bytes per send, smoothed
+        self.total_cost = 0  # every send's fixed cost so far
+        self.total_payload = 0  # every send's payload so far
         self.round_trip: float = 0.0  # the last offer-to-ack seconds
 
-    def observe(self, *, steps: int, payload_bytes: int, cost_bytes: int) -> None:
-        """A delta send covering ``steps`` steps was acknowledged: its payload was
-        ``payload_bytes`` and everything else it took on the link ``cost_bytes``."""
+    def observe(
+        self, *, steps: int, payload_bytes: int, cost_bytes: int, full: bool = False
+    ) -> None:
+        """A send covering ``steps`` steps was acknowledged (``full``: a full snapshot,
+        ``steps`` since the job's start): its payload was ``payload_bytes`` and everything
+        else it took on the link ``cost_bytes``."""
         if steps < 1 or payload_bytes < 1 or cost_bytes < 0:
             return
         self._cost = _ewma(self._cost, float(cost_bytes), 0.5)
+        self.total_cost += cost_bytes
+        self.total_payload += payload_bytes
+        if full:
+            self._full = (steps, payload_bytes)
+            return
         self._points.append((steps, payload_bytes))
         del self._points[: -self.window]
 
@@ -131,7 +146,7 @@ class OverheadBudget:
 
     def model(self) -> tuple[float, float] | None:
         """``(a, b)`` of ``payload ~ a + b x steps``, or None before any send."""
-        pts = self._points
+        pts = self._points or ([self._full] if self._full is not None else [])
         if not pts:
             return None
         n = len(pts)
@@ -152,7 +167,7 @@ class OverheadBudget:
         if m is None or cost is None:
             return None
         a, b = m
-        want = cost / self.budget
+        want = max(cost / self.budget, (self.total_cost + cost) / self.budget - self.total_payload)
         if b <= 0 or a >= want:
             return None
         return (want - a) / b

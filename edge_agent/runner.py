@@ -292,7 +292,8 @@ class JobRunner:
         self.mqtt5 = True
         # what each send costs besides its payload (overhead budget): seq -> bytes so far
         self._send_cost: dict[int, int] = {}
-        self._send_steps: dict[int, int | None] = {}  # seq -> steps since its base (None: full)
+        self._send_steps: dict[int, int] = {}  # seq -> steps since its base (full: since 0)
+        self._send_full: dict[int, bool] = {}
         self._reply_cost = 0  # the last ACK's bytes on the link, framing included
         self._holding = False
 
@@ -745,8 +746,9 @@ class JobRunner:
         j.add_counters(snapshots_sent=1, bytes_sent=ev.size, bytes_full=self._last_full_size)
         self._offered_at[ev.seq] = (now, ev.size)
         self._send_steps[ev.seq] = (
-            None if ev.base_seq is None or self.acked_step is None else ev.step - self.acked_step
+            ev.step if ev.base_seq is None or self.acked_step is None else ev.step - self.acked_step
         )
+        self._send_full[ev.seq] = ev.base_seq is None
         kv = self.phase == "handing-over" if ev.final else self._offer_kv
         _event(logging.INFO, "offered", f"job {self.id}: snapshot {ev.seq} "
                f"({'full' if ev.base_seq is None else 'delta on ' + str(ev.base_seq)}, "
@@ -775,11 +777,14 @@ class JobRunner:
             del self._send_steps[seq]
         for seq in [q for q in self._send_cost if q < ev.seq]:
             del self._send_cost[seq]
+        for seq in [q for q in self._send_full if q <= ev.seq]:
+            del self._send_full[seq]
         budget = self.snapshots.overhead
         if sent is not None and budget is not None:
             budget.round_trip = now - sent[0]
             if steps is not None:
-                budget.observe(steps=steps, payload_bytes=sent[1], cost_bytes=cost)
+                was_full = self._send_full.get(ev.seq, False)
+                budget.observe(steps=steps, payload_bytes=sent[1], cost_bytes=cost, full=was_full)
         if sent is not None:
             seconds = now - sent[0]
             self._transfer_seconds = seconds
@@ -797,6 +802,7 @@ class JobRunner:
         self._offered_at.pop(seq, None)
         self._send_cost.pop(seq, None)
         self._send_steps.pop(seq, None)
+        self._send_full.pop(seq, None)
         t = self.journal.transfer
         if t is not None and t.seq == seq:
             self.journal.end_transfer()

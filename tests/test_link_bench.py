@@ -32,7 +32,8 @@ def test_the_account_splits_a_publish_into_framing_header_and_data() -> None:
     snap = Snap("gw-1", "j", 1, 5, 4, 100, 0, 1, 300, bytes(300))
     payload = encode(snap)
     acct = WireAccount()
-    acct.packet("up", publish(NS.state("gw-1", "j"), payload, setup=True))  # sets alias 1 up
+    first = publish(NS.state("gw-1", "j"), payload, setup=True)  # sets alias 1 up
+    acct.packet("up", first)
     acct.bytes.clear()
     acct.count.clear()
     pkt = publish(NS.state("gw-1", "j"), payload, alias=True)  # the topic is the alias's
@@ -51,6 +52,10 @@ def test_the_account_splits_a_publish_into_framing_header_and_data() -> None:
     acct.packet("up", publish(NS.state("gw-2", "j"), payload))
     assert acct.n("up other framing") == 2 and acct.n("up snap data") == 1
     assert acct.get("down PUBACK") == 4
+    # per snapshot: its chunk's header and framing, the broker's PUBACK, the server's ACK
+    # for it with its framing (QoS 1 here: and our PUBACK)
+    ack_pkt = publish(NS.ack("gw-1", "j"), ack)
+    assert acct.per_seq[5] == (len(first) - 300 + 4) + (len(pkt) - 300 + 4) + len(ack_pkt) + 4
 
 
 def test_lag_is_rebuilt_from_the_acks() -> None:

@@ -96,14 +96,26 @@ def test_overhead_budget_fits_payload_against_steps() -> None:
     # a payload of 125 bytes + 1 byte a step, a send costing 100 bytes besides it
     b.observe(steps=40, payload_bytes=165, cost_bytes=100)
     assert b.model() == pytest.approx((0.0, 165 / 40))  # one point: all of it scales
-    assert b.min_steps() == pytest.approx(1000 / (165 / 40))  # optimistic; the next corrects
+    # the next send must carry 1,000 bytes (100 at 10%), and make up for this one: the
+    # two together carry 200 bytes of cost, so 2,000 bytes of payload
+    assert b.min_steps() == pytest.approx((2000 - 165) / (165 / 40))  # optimistic
     b.observe(steps=242, payload_bytes=367, cost_bytes=100)
     a, slope = b.model()  # type: ignore[misc]
     assert (a, slope) == pytest.approx((125.0, 1.0))
-    assert b.min_steps() == pytest.approx(875.0)  # 125 + 875 = 1000 bytes: cost is 10%
-    b.observe(steps=875, payload_bytes=1000, cost_bytes=100)
-    assert b.min_steps() == pytest.approx(875.0)
+    assert b.min_steps() == pytest.approx(3000 - 532 - 125)  # catching up with the first two
+    b.observe(steps=2343, payload_bytes=2468, cost_bytes=100)
+    assert b.total_cost == 300 and b.total_payload == 3000  # 10% so far, exactly
+    assert b.min_steps() == pytest.approx(875.0)  # from now on: 1,000 bytes a send
     assert b.cost == pytest.approx(100.0)
+
+
+def test_a_full_snapshot_stands_in_until_a_delta_is_measured() -> None:
+    b = OverheadBudget(0.10, 60.0)
+    b.observe(steps=40, payload_bytes=200, cost_bytes=100, full=True)
+    assert b.model() == pytest.approx((0.0, 5.0))
+    assert b.min_steps() == pytest.approx((2000 - 200) / 5.0)
+    b.observe(steps=100, payload_bytes=225, cost_bytes=100)
+    assert b.model() == pytest.approx((0.0, 2.25))  # the deltas' own fit from now on
 
 
 def test_overhead_budget_does_not_hold_what_would_not_help() -> None:
@@ -135,17 +147,20 @@ def test_send_is_held_by_the_budget_until_max_lag() -> None:
     assert p.send_due(40, 2.0) and not p.held  # nothing measured yet
     p.sent(40, 2.0)
     b.observe(steps=40, payload_bytes=165, cost_bytes=100)
-    b.observe(steps=80, payload_bytes=205, cost_bytes=100)  # 125 + 1 a step: 875 steps
+    b.observe(steps=80, payload_bytes=205, cost_bytes=100)  # 125 + 1 a step
+    need = 3000 - 370 - 125  # 300 bytes of cost in three sends: 3,000 bytes of payload
+    assert b.min_steps() == pytest.approx(need)
     assert not p.send_due(80, 4.0) and p.held  # due on the schedule, held by the budget
     assert not p.local_due(40, 4.0) and p.local_due(80, 4.0)  # local snapshots are not held
-    assert p.send_due(915, 20.0) and not p.held  # 875 steps since the last send
+    assert not p.send_due(40 + need - 1, 20.0)
+    assert p.send_due(40 + need, 20.0) and not p.held
     assert p.send_due(100, 32.0)  # or max_lag_seconds since the last send, whatever the steps
     b.round_trip = 5.0
     assert p.send_due(100, 27.0) and not p.send_due(100, 26.9)  # ...less an offer-to-ack
     p.force_send()
     assert p.send_due(41, 3.0)  # a forced send (NeedsFull) is never held
     # the expected interval follows the budget, up to max_lag_seconds
-    assert p.expected_interval(40.0) == pytest.approx((875 / 40, 875.0))
+    assert p.expected_interval(100.0) == pytest.approx((need / 100, need))
     assert p.expected_interval(5.0) == pytest.approx((30.0, 150.0))
 
 

@@ -368,7 +368,9 @@ def test_the_overhead_budget_holds_small_sends_back(
             assert b is not None and b.cost is not None and 40 < b.cost < 200
             steps = [s.step for s in snaps]
             gaps = [y - x for x, y in itertools.pairwise(steps)]
-            assert min(gaps[2:-1]) > 300  # held back well past the 10-step schedule
+            assert max(gaps) > 1000  # held back well past the 10-step schedule
+            # together the sends stay near the budget: their costs over their payloads
+            assert b.total_cost < 0.15 * b.total_payload
         else:
             assert b is None
     assert counts[0.1] * 5 < counts[0]
