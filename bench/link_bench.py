@@ -249,9 +249,12 @@ class Result:
 
     @property
     def per_snapshot_median(self) -> float:
-        """The median over snapshots of each one's own overhead over its own payload."""
+        """The median, over the snapshots between the first (full) and the final one, of each
+        one's own overhead over its own payload: what a snapshot costs once the run is under
+        way (the first and the final one are in the table's other columns)."""
         xs = self.per_snapshot_overheads
-        return statistics.median(xs) if xs else 0.0
+        mid = xs[1:-1] or xs
+        return statistics.median(mid) if mid else 0.0
 
     @property
     def one_off(self) -> int:

@@ -87,9 +87,10 @@ class OverheadBudget:
     measured by the runner from what went out and came back for it (the ``snap`` headers and
     checks, their MQTT framing and PUBACKs, the server's ACK with its framing). It fits
     ``payload ~ a + b x steps`` over the last few deltas (least squares once two differ in
-    steps; before that ``b = payload / steps``, and the next send corrects it; a full
-    snapshot stands in until a delta is measured). The next send should carry at least
-    ``cost / budget`` bytes, and, so that the job's sends *together* stay within the budget
+    steps; before that, half the payload constant and half growing with the steps, and the
+    next send corrects it; a full snapshot stands in until a delta is measured). The next
+    send should carry at least ``cost / budget`` bytes, and, so that the job's sends
+    *together* stay within the budget
     (the first ones, and a short final one, cost as much as any), at least ``(all costs so
     far + cost) / budget - all payloads so far``. :meth:`min_steps` turns that into steps:
     None when no send has been measured, when payloads do not grow with steps (a longer
@@ -153,8 +154,8 @@ class OverheadBudget:
         mx = sum(x for x, _ in pts) / n
         my = sum(y for _, y in pts) / n
         sxx = sum((x - mx) ** 2 for x, _ in pts)
-        if sxx <= 0:  # one step count so far: all of the payload scales (the next send tells)
-            return 0.0, my / mx
+        if sxx <= 0:  # one step count so far: say half of it scales (the next send tells)
+            return my / 2, my / (2 * mx)
         b = sum((x - mx) * (y - my) for x, y in pts) / sxx
         a = my - b * mx
         if a < 0:  # keep it physical: no negative constant part

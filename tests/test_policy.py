@@ -95,10 +95,10 @@ def test_overhead_budget_fits_payload_against_steps() -> None:
     assert b.model() is None and b.min_steps() is None  # nothing measured: never held
     # a payload of 125 bytes + 1 byte a step, a send costing 100 bytes besides it
     b.observe(steps=40, payload_bytes=165, cost_bytes=100)
-    assert b.model() == pytest.approx((0.0, 165 / 40))  # one point: all of it scales
+    assert b.model() == pytest.approx((165 / 2, 165 / 80))  # one point: half of it scales
     # the next send must carry 1,000 bytes (100 at 10%), and make up for this one: the
     # two together carry 200 bytes of cost, so 2,000 bytes of payload
-    assert b.min_steps() == pytest.approx((2000 - 165) / (165 / 40))  # optimistic
+    assert b.min_steps() == pytest.approx((2000 - 165 - 165 / 2) / (165 / 80))
     b.observe(steps=242, payload_bytes=367, cost_bytes=100)
     a, slope = b.model()  # type: ignore[misc]
     assert (a, slope) == pytest.approx((125.0, 1.0))
@@ -112,10 +112,10 @@ def test_overhead_budget_fits_payload_against_steps() -> None:
 def test_a_full_snapshot_stands_in_until_a_delta_is_measured() -> None:
     b = OverheadBudget(0.10, 60.0)
     b.observe(steps=40, payload_bytes=200, cost_bytes=100, full=True)
-    assert b.model() == pytest.approx((0.0, 5.0))
-    assert b.min_steps() == pytest.approx((2000 - 200) / 5.0)
+    assert b.model() == pytest.approx((100.0, 2.5))
+    assert b.min_steps() == pytest.approx((2000 - 200 - 100) / 2.5)
     b.observe(steps=100, payload_bytes=225, cost_bytes=100)
-    assert b.model() == pytest.approx((0.0, 2.25))  # the deltas' own fit from now on
+    assert b.model() == pytest.approx((112.5, 1.125))  # the deltas' own from now on
 
 
 def test_overhead_budget_does_not_hold_what_would_not_help() -> None:
