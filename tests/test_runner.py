@@ -349,7 +349,7 @@ def test_the_overhead_budget_holds_small_sends_back(
     gen: Callable[..., JobSpec], tmp_path: Path
 ) -> None:
     """kv = recompute: a send carries tokens (a byte or so each) and a ~125-byte codec
-    header, and costs ~80 bytes besides; on a schedule of every 10 steps the budget holds
+    header, and costs ~100 bytes besides; on a schedule of every 10 steps the budget holds
     sends back until they carry ~10x their cost, and the server still ends with the job's
     exact state."""
     counts = {}
