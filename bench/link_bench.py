@@ -58,7 +58,7 @@ if str(REPO) not in sys.path:
 
 from edge_agent.errors import EdgeResumeError  # noqa: E402
 from edge_agent.models import build_all  # noqa: E402
-from edge_agent.protocol import Snap, decode  # noqa: E402
+from edge_agent.protocol import Ack, Snap, TopicNamespace, decode_incoming  # noqa: E402
 from tests.support.agent_proc import AgentProcess, write_job  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
 from tests.support.mini_server import MiniServer, wait_for  # noqa: E402
@@ -87,6 +87,12 @@ class WireAccount:
 
     bytes: dict[str, int] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)
+    namespace: TopicNamespace = field(default_factory=TopicNamespace)
+    v5: bool = True  # set from the CONNECT packet
+    aliases: dict[tuple[str, int], str] = field(default_factory=dict)  # (direction, alias)
+    #: per snapshot seq, what it took besides its data: its chunks' headers, framing and
+    #: PUBACKs, the server's ACK for it with its framing and (QoS 1) our PUBACK
+    per_seq: dict[int, int] = field(default_factory=dict)
 
     def add(self, key: str, n: int) -> None:
         self.bytes[key] = self.bytes.get(key, 0) + n
@@ -94,33 +100,74 @@ class WireAccount:
 
     def packet(self, direction: str, pkt: bytes) -> None:
         kind = _PACKET.get(pkt[0] >> 4, f"type{pkt[0] >> 4}")
+        if kind == "CONNECT":
+            _, i = _varint(pkt, 1)
+            nlen = int.from_bytes(pkt[i : i + 2], "big")
+            self.v5 = pkt[i + 2 + nlen] == 5  # the protocol level
         if kind != "PUBLISH":
             self.add(f"{direction} {kind}", len(pkt))
             return
         qos = (pkt[0] >> 1) & 3
         _, i = _varint(pkt, 1)
         tlen = int.from_bytes(pkt[i : i + 2], "big")
+        topic = pkt[i + 2 : i + 2 + tlen].decode("utf-8", "replace")
         i += 2 + tlen + (2 if qos else 0)
-        plen, i = _varint(pkt, i)
-        i += plen
+        if self.v5:
+            plen, i = _varint(pkt, i)
+            props, i = pkt[i : i + plen], i + plen
+            alias = _topic_alias(props)
+            if alias is not None:
+                if topic:
+                    self.aliases[direction, alias] = topic
+                else:
+                    topic = self.aliases.get((direction, alias), "")
         payload = pkt[i:]
-        try:
-            msg = decode(payload)
+        try:  # the payload names neither device nor job: the topic does
+            msg = decode_incoming(self.namespace, topic, payload).message
             name = msg.TYPE
         except EdgeResumeError:
             msg, name = None, "other"
         self.add(f"{direction} {name} framing", len(pkt) - len(payload))
+        puback = 4 if qos else 0  # the PUBACK that answers it, the other way
         if isinstance(msg, Snap):
             self.add(f"{direction} snap header", len(payload) - len(msg.data))
             self.add(f"{direction} snap data", len(msg.data))
+            cost = len(pkt) - len(msg.data) + puback
+            self.per_seq[msg.seq] = self.per_seq.get(msg.seq, 0) + cost
         else:
             self.add(f"{direction} {name}", len(payload))
+            if isinstance(msg, Ack):
+                self.per_seq[msg.seq] = self.per_seq.get(msg.seq, 0) + len(pkt) + puback
 
     def get(self, key: str) -> int:
         return self.bytes.get(key, 0)
 
     def n(self, key: str) -> int:
         return self.count.get(key, 0)
+
+
+def _topic_alias(props: bytes) -> int | None:
+    """The Topic Alias (0x23) among a PUBLISH's MQTT 5 properties, if any."""
+    j = 0
+    while j < len(props):
+        ident = props[j]
+        j += 1
+        if ident == 0x23:
+            return int.from_bytes(props[j : j + 2], "big")
+        if ident in (0x01,):  # byte
+            j += 1
+        elif ident in (0x02,):  # four-byte int
+            j += 4
+        elif ident in (0x0B,):  # varint
+            _, j = _varint(props, j)
+        elif ident in (0x03, 0x08, 0x09):  # utf-8 string / binary data
+            j += 2 + int.from_bytes(props[j : j + 2], "big")
+        elif ident == 0x26:  # user property: a string pair
+            j += 2 + int.from_bytes(props[j : j + 2], "big")
+            j += 2 + int.from_bytes(props[j : j + 2], "big")
+        else:
+            return None
+    return None
 
 
 class CountingProxy(MqttProxy):
@@ -172,6 +219,7 @@ class Result:
     lag_median: float
     lag_p95: float
     lag_max: float
+    per_snapshot_overheads: list[float] = field(default_factory=list)  # each one's, in order
     breakdown: dict[str, int] = field(default_factory=dict)  # "up snap header": bytes, ...
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -198,6 +246,15 @@ class Result:
     def link_share(self, max_kbps: float) -> float:
         """The overhead's share of what the capped link could carry over the run."""
         return (self.wire - self.codec_bytes) / max(1.0, max_kbps * 125.0 * self.seconds)
+
+    @property
+    def per_snapshot_median(self) -> float:
+        """The median, over the snapshots between the first (full) and the final one, of each
+        one's own overhead over its own payload: what a snapshot costs once the run is under
+        way (the first and the final one are in the table's other columns)."""
+        xs = self.per_snapshot_overheads
+        mid = xs[1:-1] or xs
+        return statistics.median(mid) if mid else 0.0
 
     @property
     def one_off(self) -> int:
@@ -238,7 +295,8 @@ def run_one(policy: str, models: dict[str, Path], work: Path, args: argparse.Nam
         work, jid, "generate", models["tiny-decoder.onnx"],
         params={"prompt": "The gateway said: ", "max_new_tokens": args.tokens,
                 "temperature": 0.8, "top_k": 40, "seed": 7},
-        snapshot={"every_seconds": args.every_seconds},
+        snapshot={"every_seconds": args.every_seconds, "overhead_budget": args.overhead_budget,
+                  "max_lag_seconds": args.max_lag},
         link={"kv": policy},
         runtime={"min_step_seconds": args.pace},
     )  # fmt: skip
@@ -264,6 +322,7 @@ def run_one(policy: str, models: dict[str, Path], work: Path, args: argparse.Nam
         wait_for(lambda: server.completed(jid), 10, "completion")
         with proxy._lock:
             acct = WireAccount(dict(proxy.account.bytes), dict(proxy.account.count))
+            per_seq = dict(proxy.account.per_seq)
             wire_up, wire_down = proxy.bytes_up, proxy.bytes_down
     acct.bytes["up CONNECT"] = wire_up - sum(v for k, v in acct.bytes.items() if k[:3] == "up ")
     events = [json.loads(x) for x in agent.log_text().splitlines() if x.startswith("{")]
@@ -279,12 +338,14 @@ def run_one(policy: str, models: dict[str, Path], work: Path, args: argparse.Nam
         + acct.get("down ack") + acct.get("down ack framing") + n_ack * puback_up
     )  # fmt: skip
     lags = lag_samples(events)
+    per_snap = [per_seq[e["seq"]] / e["bytes"] for e in offered if e["seq"] in per_seq]
     return Result(
         policy=policy, tokens=args.tokens, seconds=seconds, snapshots=len(offered),
         kv_snapshots=sum(1 for e in offered if e.get("kv")), codec_bytes=codec,
         wire_up=wire_up, wire_down=wire_down, recurring=recurring,
         lag_median=statistics.median(lags) if lags else 0.0, lag_p95=_pct(lags, 0.95),
-        lag_max=max(lags, default=0.0), breakdown=acct.bytes, counts=acct.count,
+        lag_max=max(lags, default=0.0), per_snapshot_overheads=per_snap, breakdown=acct.bytes,
+        counts=acct.count,
     )  # fmt: skip
 
 
@@ -301,20 +362,23 @@ def _size(n: float) -> str:
 
 def table(results: list[Result], args: argparse.Namespace) -> str:
     head = ["kv policy", "snapshots", "codec bytes", "wire up", "wire down", "wire/snapshot",
-            "overhead", "steady", "link share", "lag median", "p95", "max", "time"]  # fmt: skip
+            "overhead", "steady", "per snapshot", "link share", "lag median", "p95", "max",
+            "time"]  # fmt: skip
     rows = [head]
     for r in results:
         rows.append([
             r.policy, f"{r.snapshots} ({r.kv_snapshots} KV)", _size(r.codec_bytes),
             _size(r.wire_up), _size(r.wire_down), _size(r.per_snapshot),
             f"{100 * r.overhead:.1f}%", f"{100 * r.steady_overhead:.1f}%",
+            f"{100 * r.per_snapshot_median:.1f}%",
             f"{100 * r.link_share(args.max_kbps):.1f}%",
             f"{r.lag_median:.0f}", f"{r.lag_p95:.0f}", f"{r.lag_max:.0f}", f"{r.seconds:.0f} s",
         ])  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [
         f"link bench: generate, tiny-decoder, {args.tokens} tokens at one per {args.pace} s, "
-        f"snapshot every {args.every_seconds} s, --max-kbps {args.max_kbps:g}, heartbeat "
+        f"snapshot every {args.every_seconds} s (overhead budget {args.overhead_budget:g}, max "
+        f"lag {args.max_lag:g} s), --max-kbps {args.max_kbps:g}, heartbeat "
         f"{args.heartbeat:g} s; lag in steps (tokens)",
         "",
     ]
@@ -349,9 +413,17 @@ def _avg(r: Result, key: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated kv policies")
-    ap.add_argument("--tokens", type=int, default=400, help="tokens to generate (default 400)")
+    ap.add_argument("--tokens", type=int, default=3000, help="tokens to generate (default 3000)")
     ap.add_argument("--pace", type=float, default=0.05, help="seconds per token (default 0.05)")
     ap.add_argument("--every-seconds", type=float, default=2.0, help="snapshot interval")
+    ap.add_argument(
+        "--overhead-budget",
+        type=float,
+        default=0.10,
+        help="the job file's [snapshot] overhead_budget (default 0.10; 0: off)",
+    )
+    ap.add_argument("--max-lag", type=float, default=60.0,
+                    help="the job file's [snapshot] max_lag_seconds (default 60)")  # fmt: skip
     ap.add_argument("--max-kbps", type=float, default=64.0, help="the agent's cap (default 64)")
     ap.add_argument("--heartbeat", type=float, default=10.0, help="agent heartbeat, seconds")
     ap.add_argument("--timeout", type=float, default=600.0, help="per policy, seconds")

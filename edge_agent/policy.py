@@ -8,6 +8,13 @@ and what the uplink can carry.
   never go faster than the link drains. A send that falls due while one is in flight is
   *owed* and is taken, of the newest state, as soon as the session can offer again: newer
   snapshots coalesce, nothing queues (invariant 6).
+* :class:`OverheadBudget` (``[snapshot] overhead_budget`` and ``max_lag_seconds``): a send
+  costs a fixed number of bytes besides its payload (message headers, MQTT framing, the
+  server's ACK); when payloads are small (a job whose state grows a few bytes a step) that
+  fixed cost dominates. The budget lengthens the interval between sends until the payload
+  it expects is large enough that the measured fixed cost is within ``overhead_budget`` of
+  it, but never past ``max_lag_seconds`` since the last send, so the server's copy never
+  falls further behind than that.
 * :class:`KvPolicy` (``[link] kv``): ``send`` and ``recompute`` are fixed; ``auto`` includes
   the derivable entries (a KV cache) only while the measured link can afford them: the
   bytes the next snapshot would carry with them, estimated from the sizes of previous
@@ -35,10 +42,13 @@ from edge_agent.errors import ConfigError, JobSpecError
 
 __all__ = [
     "DEFAULT_LINK_RATE",
+    "DEFAULT_MAX_LAG_SECONDS",
+    "DEFAULT_OVERHEAD_BUDGET",
     "KV_MODES",
     "KvDecision",
     "KvPolicy",
     "LinkCapacity",
+    "OverheadBudget",
     "SnapshotPolicy",
     "StepRate",
 ]
@@ -48,6 +58,10 @@ KV_MODES: tuple[KvMode, ...] = ("send", "recompute", "auto")
 #: Bytes per second assumed for a link nothing has been measured on and no cap bounds
 #: (64 kbit/s: the slow end of what gateways have; a conservative guess).
 DEFAULT_LINK_RATE = 8000.0
+#: ``[snapshot] overhead_budget``: fixed bytes per send over its payload, at most.
+DEFAULT_OVERHEAD_BUDGET = 0.10
+#: ``[snapshot] max_lag_seconds``: the longest the budget may hold back a send.
+DEFAULT_MAX_LAG_SECONDS = 60.0
 
 
 def _ewma(old: float | None, sample: float, alpha: float) -> float:
@@ -62,6 +76,107 @@ def _ewma(old: float | None, sample: float, alpha: float) -> float:
 class _Mark:
     step: int
     at: float
+
+
+class OverheadBudget:
+    """How many steps a send should carry so that its fixed cost stays within ``budget`` of
+    its payload (``[snapshot] overhead_budget``; 0.10: at most 10%).
+
+    Fed after each acknowledged send with :meth:`observe`: the steps it covered (since its
+    base; for a full snapshot, since the job's start), its payload bytes and its fixed cost,
+    measured by the runner from what went out and came back for it (the ``snap`` headers and
+    checks, their MQTT framing and PUBACKs, the server's ACK with its framing). It fits
+    ``payload ~ a + b x steps`` over the last few deltas (least squares once two differ in
+    steps; before that, half the payload constant and half growing with the steps, and the
+    next send corrects it; a full snapshot stands in until a delta is measured). The next
+    send should carry at least ``cost / budget`` bytes, and, so that the job's sends
+    *together* stay within the budget
+    (the first ones, and a short final one, cost as much as any), at least ``(all costs so
+    far + cost) / budget - all payloads so far``. :meth:`min_steps` turns that into steps:
+    None when no send has been measured, when payloads do not grow with steps (a longer
+    interval would not help), or when the payload already carries the cost.
+
+    ``max_lag_seconds`` bounds the wait: :class:`SnapshotPolicy` sends anyway once that long
+    (less the last offer-to-ack time, so that the copy lands within it) has passed since the
+    last send."""
+
+    def __init__(
+        self,
+        budget: float = DEFAULT_OVERHEAD_BUDGET,
+        max_lag_seconds: float = DEFAULT_MAX_LAG_SECONDS,
+        *,
+        window: int = 8,
+    ) -> None:
+        if not (math.isfinite(budget) and budget > 0):
+            raise JobSpecError(f"overhead_budget must be a number > 0, not {budget!r}")
+        if not (math.isfinite(max_lag_seconds) and max_lag_seconds > 0):
+            raise JobSpecError(f"max_lag_seconds must be a number > 0, not {max_lag_seconds!r}")
+        if window < 2:
+            raise ConfigError("the overhead budget's window is at least 2 sends")
+        self.budget = budget
+        self.max_lag_seconds = max_lag_seconds
+        self.window = window
+        self._points: list[tuple[int, int]] = []  # (steps, payload bytes) of recent deltas
+        self._full: tuple[int, int] | None = None  # the last full snapshot's, until a delta
+        self._cost: float | None = None  # fixed bytes per send, smoothed
+        self.total_cost = 0  # every send's fixed cost so far
+        self.total_payload = 0  # every send's payload so far
+        self.round_trip: float = 0.0  # the last offer-to-ack seconds
+
+    def observe(
+        self, *, steps: int, payload_bytes: int, cost_bytes: int, full: bool = False
+    ) -> None:
+        """A send covering ``steps`` steps was acknowledged (``full``: a full snapshot,
+        ``steps`` since the job's start): its payload was ``payload_bytes`` and everything
+        else it took on the link ``cost_bytes``."""
+        if steps < 1 or payload_bytes < 1 or cost_bytes < 0:
+            return
+        self._cost = _ewma(self._cost, float(cost_bytes), 0.5)
+        self.total_cost += cost_bytes
+        self.total_payload += payload_bytes
+        if full:
+            self._full = (steps, payload_bytes)
+            return
+        self._points.append((steps, payload_bytes))
+        del self._points[: -self.window]
+
+    @property
+    def cost(self) -> float | None:
+        """The fixed bytes per send, as measured (None before any)."""
+        return self._cost
+
+    def model(self) -> tuple[float, float] | None:
+        """``(a, b)`` of ``payload ~ a + b x steps``, or None before any send."""
+        pts = self._points or ([self._full] if self._full is not None else [])
+        if not pts:
+            return None
+        n = len(pts)
+        mx = sum(x for x, _ in pts) / n
+        my = sum(y for _, y in pts) / n
+        sxx = sum((x - mx) ** 2 for x, _ in pts)
+        if sxx <= 0:  # one step count so far: say half of it scales (the next send tells)
+            return my / 2, my / (2 * mx)
+        b = sum((x - mx) * (y - my) for x, y in pts) / sxx
+        a = my - b * mx
+        if a < 0:  # keep it physical: no negative constant part
+            a, b = 0.0, my / mx
+        return a, b
+
+    def min_steps(self) -> float | None:
+        """The fewest steps a send should cover to keep within the budget (see the class)."""
+        m, cost = self.model(), self._cost
+        if m is None or cost is None:
+            return None
+        a, b = m
+        want = max(cost / self.budget, (self.total_cost + cost) / self.budget - self.total_payload)
+        if b <= 0 or a >= want:
+            return None
+        return (want - a) / b
+
+    def hold_until(self, sent_at: float) -> float:
+        """The instant after which a send is no longer held back (``max_lag_seconds`` after
+        the last one, less the time an offer takes to be acknowledged)."""
+        return sent_at + max(0.0, self.max_lag_seconds - self.round_trip)
 
 
 class SnapshotPolicy:
@@ -84,6 +199,7 @@ class SnapshotPolicy:
         now: float,
         sent_step: int | None = None,
         sent_at: float | None = None,
+        overhead: OverheadBudget | None = None,
     ) -> None:
         if every_steps is None and every_seconds is None:
             raise JobSpecError("a snapshot policy needs every_steps, every_seconds or both")
@@ -98,6 +214,8 @@ class SnapshotPolicy:
             step if sent_step is None else sent_step, now if sent_at is None else sent_at
         )
         self._forced = False
+        self.overhead = overhead
+        self.held = False  # the last send_due answer was "due, but held by the budget"
 
     @classmethod
     def for_job(
@@ -108,6 +226,7 @@ class SnapshotPolicy:
         step: int,
         acked_step: int | None,
         now: float,
+        overhead: OverheadBudget | None = None,
     ) -> SnapshotPolicy:
         """The policy of a job (re)started at ``step`` whose server copy is at ``acked_step``
         (None: the server holds nothing of ours): a restarted job whose server copy is
@@ -121,6 +240,7 @@ class SnapshotPolicy:
             now=now,
             sent_step=0 if acked_step is None else acked_step,
             sent_at=sent_at,
+            overhead=overhead,
         )
 
     def _due(self, mark: _Mark, step: int, now: float) -> bool:
@@ -136,8 +256,22 @@ class SnapshotPolicy:
 
     def send_due(self, step: int, now: float) -> bool:
         """Whether a send is due (or owed) at ``step``; the runner offers only when the
-        session can, so a send due while one is in flight waits for it to settle."""
-        return self._forced or self._due(self._sent, step, now)
+        session can, so a send due while one is in flight waits for it to settle. With an
+        :class:`OverheadBudget`, a send the schedule makes due is held back while it would
+        cover fewer steps than the budget asks for, until ``max_lag_seconds``."""
+        self.held = False
+        if self._forced:
+            return True
+        if not self._due(self._sent, step, now):
+            return False
+        b = self.overhead
+        if b is None or now >= b.hold_until(self._sent.at):
+            return True
+        need = b.min_steps()
+        if need is None or step - self._sent.step >= need:
+            return True
+        self.held = True
+        return False
 
     def force_send(self) -> None:
         """The next send is due at once, whatever the step (after a NeedsFull)."""
@@ -156,8 +290,9 @@ class SnapshotPolicy:
     def expected_interval(
         self, steps_per_second: float | None, transfer_seconds: float | None = None
     ) -> tuple[float, float]:
-        """(seconds, steps) between two sends at this job's pace: the schedule's interval,
-        but never shorter than a transfer takes (stop-and-wait)."""
+        """(seconds, steps) between two sends at this job's pace: the schedule's interval
+        (lengthened as the overhead budget asks, up to its ``max_lag_seconds``), but never
+        shorter than a transfer takes (stop-and-wait)."""
         rate = steps_per_second if steps_per_second and steps_per_second > 0 else None
         candidates = []
         if self.every_seconds is not None:
@@ -165,6 +300,10 @@ class SnapshotPolicy:
         if self.every_steps is not None and rate is not None:
             candidates.append(self.every_steps / rate)
         seconds = min(candidates) if candidates else 30.0
+        b = self.overhead
+        need = None if b is None else b.min_steps()
+        if b is not None and need is not None and rate is not None:
+            seconds = max(seconds, min(need / rate, b.max_lag_seconds))
         if transfer_seconds is not None and transfer_seconds > seconds:
             seconds = transfer_seconds
         steps = seconds * rate if rate is not None else float(self.every_steps or 1)

@@ -59,10 +59,11 @@ from edge_agent.errors import (
 )
 from edge_agent.jobs import Job, JobSpec, create_job
 from edge_agent.journal import Journal
-from edge_agent.policy import KvPolicy, LinkCapacity, SnapshotPolicy, StepRate
+from edge_agent.policy import KvPolicy, LinkCapacity, OverheadBudget, SnapshotPolicy, StepRate
 from edge_agent.protocol import (
     DEFAULT_MAX_MESSAGE,
     DEFAULT_PREFIX,
+    Ack,
     Acked,
     AckedState,
     AgentConfig,
@@ -79,11 +80,13 @@ from edge_agent.protocol import (
     Outgoing,
     PendingSnapshot,
     Rejected,
+    Snap,
     Stopped,
     Synced,
     TakenOver,
     TopicNamespace,
     TransferAbandoned,
+    encode,
 )
 from edge_agent.ratelimit import Priority, kbps_to_bytes_per_s
 from edge_agent.transport import (
@@ -95,6 +98,7 @@ from edge_agent.transport import (
     Transport,
     TransportConfig,
     Will,
+    publish_packet_size,
 )
 
 __all__ = ["Agent", "AgentOptions", "JobProgress", "JobRunner", "LinkLike", "restore_state"]
@@ -264,9 +268,13 @@ class JobRunner:
         acked = journal.acked
         self.acked_step: int | None = None if acked is None else acked.step
         step = job.step if job is not None else 0
+        budget = None
+        if spec.overhead_budget > 0:
+            budget = OverheadBudget(spec.overhead_budget, spec.max_lag_seconds)
         self.snapshots = SnapshotPolicy.for_job(
-            spec.every_steps, spec.every_seconds, step=step, acked_step=self.acked_step, now=now
-        )
+            spec.every_steps, spec.every_seconds, step=step, acked_step=self.acked_step, now=now,
+            overhead=budget,
+        )  # fmt: skip
         self.kv = KvPolicy(spec.kv, utilization=options.kv_utilization)
         self.step_rate = StepRate()
         self.step_rate.observe(step, now)
@@ -280,6 +288,14 @@ class JobRunner:
         self._last_full_size = 0
         self._transfer_seconds: float | None = None
         self.finished_at: float | None = None
+        #: whether the link speaks MQTT 5 (topic aliases): set by the agent on connecting
+        self.mqtt5 = True
+        # what each send costs besides its payload (overhead budget): seq -> bytes so far
+        self._send_cost: dict[int, int] = {}
+        self._send_steps: dict[int, int] = {}  # seq -> steps since its base (full: since 0)
+        self._send_full: dict[int, bool] = {}
+        self._reply_cost = 0  # the last ACK's bytes on the link, framing included
+        self._holding = False
 
     # -- building it from the journal ----------------------------------------------------------
 
@@ -470,9 +486,21 @@ class JobRunner:
         if self.phase != "running" or s.closed:
             return
         if s.can_offer and self.snapshots.send_due(job.step, now):
+            self._holding = False
             self.offer(now)
-        elif self.snapshots.local_due(job.step, now):
-            self.local_snapshot(now)
+        else:
+            if self.snapshots.held and not self._holding:
+                self._holding = True
+                b = self.snapshots.overhead
+                assert b is not None
+                need = b.min_steps()
+                _event(logging.INFO, "send-held", f"job {self.id}: holding the next send back "
+                       f"until it covers {need or 0:.0f} steps (a send costs {b.cost or 0:.0f} "
+                       f"bytes besides its payload; budget {b.budget:.0%}, at most "
+                       f"{b.max_lag_seconds:g} s)", job=self.id, min_steps=round(need or 0),
+                       cost=round(b.cost or 0), budget=b.budget)  # fmt: skip
+            if self.snapshots.local_due(job.step, now):
+                self.local_snapshot(now)
 
     def _state(self) -> dict[str, Any]:
         assert self.job is not None
@@ -606,6 +634,10 @@ class JobRunner:
 
     def receive(self, incoming: Incoming, now: float) -> None:
         if self.session is not None:
+            if isinstance(incoming.message, Ack):  # what it cost, for the overhead budget
+                topic = self.session.namespace.ack(self.session.device, self.id)
+                self._reply_cost = _wire_cost(topic, len(encode(incoming.message)), qos=0,
+                                              v5=self.mqtt5, alias=False)  # fmt: skip
             self.carry_out(self.session.receive(incoming, now), now)
 
     # -- carrying out the session's items, in order ----------------------------------------------
@@ -670,6 +702,10 @@ class JobRunner:
         ticket = self._publish(out)
         if ticket is None:
             return
+        if isinstance(out.message, Snap):  # all but the chunk's data: the send's fixed cost
+            cost = _wire_cost(out.topic, len(out.payload), qos=out.qos, v5=self.mqtt5,
+                              alias=self.mqtt5) - len(out.message.data)  # fmt: skip
+            self._send_cost[out.message.seq] = self._send_cost.get(out.message.seq, 0) + cost
         if out.seq is not None and out.chunk is not None:
             old = self._tickets.pop((out.seq, out.chunk), None)
             if old is not None:
@@ -709,6 +745,10 @@ class JobRunner:
                              state_hash=ev.state_hash)  # fmt: skip
         j.add_counters(snapshots_sent=1, bytes_sent=ev.size, bytes_full=self._last_full_size)
         self._offered_at[ev.seq] = (now, ev.size)
+        self._send_steps[ev.seq] = (
+            ev.step if ev.base_seq is None or self.acked_step is None else ev.step - self.acked_step
+        )
+        self._send_full[ev.seq] = ev.base_seq is None
         kv = self.phase == "handing-over" if ev.final else self._offer_kv
         _event(logging.INFO, "offered", f"job {self.id}: snapshot {ev.seq} "
                f"({'full' if ev.base_seq is None else 'delta on ' + str(ev.base_seq)}, "
@@ -731,6 +771,20 @@ class JobRunner:
         sent = self._offered_at.pop(ev.seq, None)
         for seq in [q for q in self._offered_at if q < ev.seq]:
             del self._offered_at[seq]
+        steps = self._send_steps.pop(ev.seq, None)
+        cost = self._send_cost.pop(ev.seq, 0) + self._reply_cost
+        for seq in [q for q in self._send_steps if q < ev.seq]:
+            del self._send_steps[seq]
+        for seq in [q for q in self._send_cost if q < ev.seq]:
+            del self._send_cost[seq]
+        for seq in [q for q in self._send_full if q <= ev.seq]:
+            del self._send_full[seq]
+        budget = self.snapshots.overhead
+        if sent is not None and budget is not None:
+            budget.round_trip = now - sent[0]
+            if steps is not None:
+                was_full = self._send_full.get(ev.seq, False)
+                budget.observe(steps=steps, payload_bytes=sent[1], cost_bytes=cost, full=was_full)
         if sent is not None:
             seconds = now - sent[0]
             self._transfer_seconds = seconds
@@ -740,12 +794,15 @@ class JobRunner:
         lag = None if self.job is None else self.job.step - ev.step
         _event(logging.INFO, "acked", f"job {self.id}: snapshot {ev.seq} acknowledged "
                f"(step {ev.step}, {lag} steps behind)", job=self.id, seq=ev.seq, step=ev.step,
-               lag=lag)  # fmt: skip
+               lag=lag, cost=cost)  # fmt: skip
 
     def _drop_transfer(self, seq: int) -> None:
         for key in [k for k in self._tickets if k[0] == seq]:
             self._cancel(self._tickets.pop(key))
         self._offered_at.pop(seq, None)
+        self._send_cost.pop(seq, None)
+        self._send_steps.pop(seq, None)
+        self._send_full.pop(seq, None)
         t = self.journal.transfer
         if t is not None and t.seq == seq:
             self.journal.end_transfer()
@@ -797,6 +854,7 @@ class Agent:
         self.connected = False
         self._stop = 0  # stop requests (SIGTERM/SIGINT): 1 = graceful, 2+ = at once
         self._next_hb: float | None = None
+        self._last_publish: float | None = None  # when a message last went to the server
         self._on_progress = on_progress
         self._next_progress = 0.0
         self._fatal: EdgeResumeError | None = None
@@ -968,6 +1026,7 @@ class Agent:
     def _publish(self, out: Outgoing) -> PublishTicket | None:
         if self._link is None:
             return None
+        self._last_publish = self.now()
         try:
             return self._link.publish(
                 out.topic, out.payload, qos=out.qos, retain=out.retain,
@@ -1005,6 +1064,7 @@ class Agent:
             self._publish(self.device.online(now))
             self._next_hb = now + self.options.heartbeat_interval
             for r in self.runners.values():
+                r.mqtt5 = ev.protocol == "5"
                 r.on_connected(now)
         elif isinstance(ev, Disconnected):
             self.connected = False
@@ -1029,9 +1089,16 @@ class Agent:
             runner.receive(incoming, now)
 
     def _heartbeat(self, now: float) -> None:
+        """A heartbeat once no message went to the server for a whole interval: any message
+        proves the device alive to the server (docs/protocol.md 4.6), so one that went out
+        since the last heartbeat stands in for the next."""
         if not self.connected or self._next_hb is None or now < self._next_hb:
             return
-        self._next_hb = now + self.options.heartbeat_interval
+        interval = self.options.heartbeat_interval
+        if self._last_publish is not None and self._last_publish > self._next_hb - interval:
+            self._next_hb = self._last_publish + interval
+            return
+        self._next_hb = now + interval
         jobs = {r.id: e for r in self.runners.values() if (e := r.heartbeat_entry()) is not None}
         self._publish(self.device.heartbeat(now, jobs))
 
@@ -1045,6 +1112,17 @@ class Agent:
             return
         self._next_progress = now + 0.2
         self._on_progress(self.progress(), self.connected)
+
+
+_PUBACK_BYTES = 4  # an MQTT PUBACK with the success reason code left out
+
+
+def _wire_cost(topic: str, payload_len: int, *, qos: int, v5: bool, alias: bool) -> int:
+    """What an MQTT PUBLISH of ``payload_len`` bytes takes on the link, its PUBACK included
+    (an alias-only topic under MQTT 5, as the transport sends a topic it has sent before)."""
+    topic_len = 0 if alias else len(topic.encode("utf-8"))
+    size = publish_packet_size(topic_len, payload_len, qos, v5=v5, properties_len=3 if alias else 0)
+    return size + (_PUBACK_BYTES if qos else 0)
 
 
 def restore_state(journal: Journal) -> dict[str, Any] | None:

@@ -236,9 +236,7 @@ def ctl_outgoing(
 def publish_outgoing(publisher: Publisher, out: Outgoing) -> PublishTicketLike:
     """Publish one Outgoing with its own QoS, retain flag and priority."""
     if out.type == "ctl":
-        from edge_agent.protocol.messages import decode
-
-        msg = decode(out.payload)
+        msg = out.message
         assert isinstance(msg, Ctl)
         metrics.CTL_PUBLISHED.labels(request=msg.request).inc()
     return publisher.publish(

@@ -70,7 +70,7 @@ from edge_agent.errors import (
     UnsupportedMessage,
 )
 from edge_agent.protocol.chunking import DEFAULT_MAX_TRANSFER
-from edge_agent.protocol.messages import Birth, Ctl, Nack, decode
+from edge_agent.protocol.messages import Birth, Ctl, Nack
 from edge_agent.protocol.server import (
     Commit,
     RecordBirth,
@@ -472,7 +472,7 @@ class Ingest:
         if out.type == "ack":
             metrics.ACKS.inc()
         elif out.type == "nack":
-            nack = decode(out.payload)
+            nack = out.message
             assert isinstance(nack, Nack)
             metrics.NACKS.labels(reason=nack.reason).inc()
         try:

@@ -148,6 +148,17 @@ def _with(section: str, key: str | None, value: Any) -> dict[str, Any]:
         (_with("snapshot", "every_seconds", float("nan")), "every_seconds must be a number > 0"),
         (_with("snapshot", "every_seconds", "10s"), "every_seconds must be a number > 0"),
         (_with("snapshot", "every_minutes", 1), r"\[snapshot\] 'every_minutes' is not a known key"),
+        (_with("snapshot", "overhead_budget", -0.1), "overhead_budget must be a number 0..100"),
+        (_with("snapshot", "overhead_budget", 101), "overhead_budget must be a number 0..100"),
+        (_with("snapshot", "overhead_budget", float("nan")), "overhead_budget must be a number"),
+        (_with("snapshot", "overhead_budget", True), "overhead_budget must be a number"),
+        (_with("snapshot", "overhead_budget", "10%"), "overhead_budget must be a number"),
+        (_with("snapshot", "max_lag_seconds", 0), "max_lag_seconds must be a number of seconds"),
+        (_with("snapshot", "max_lag_seconds", -5), "max_lag_seconds must be a number of seconds"),
+        (_with("snapshot", "max_lag_seconds", float("inf")), "max_lag_seconds must be a number"),
+        (_with("snapshot", "max_lag_seconds", 1e9), "max_lag_seconds must be a number"),
+        (_with("snapshot", "max_lag_seconds", False), "max_lag_seconds must be a number"),
+        (_with("snapshot", "max_lag", 60), r"\[snapshot\] 'max_lag' is not a known key"),
         (_with("link", "kv", "sometimes"), "kv must be one of send, recompute, auto"),
         (_with("link", "kv", ["send"]), "kv must be one of"),
         (_with("link", "max_kbps", 64), r"\[link\] 'max_kbps' is not a known key"),
@@ -235,6 +246,8 @@ def test_from_dict_on_arbitrary_values_only_raises_job_spec_error(doc: Any) -> N
             "model_hash",
             "every_steps",
             "every_seconds",
+            "overhead_budget",
+            "max_lag_seconds",
             "kv",
             "intra_op_threads",
             "optimization",
@@ -282,3 +295,20 @@ def test_min_step_seconds_paces_the_edge_only() -> None:
     assert "min_step_seconds" not in paced.to_dict()["runtime"]
     assert paced.to_dict() == JobSpec.from_dict(GOOD).to_dict()
     assert paced == JobSpec.from_dict(GOOD)
+
+
+def test_overhead_budget_and_max_lag_are_edge_side_settings() -> None:
+    base = JobSpec.from_dict(GOOD)
+    assert (base.overhead_budget, base.max_lag_seconds) == (0.10, 60.0)
+    doc = _with("snapshot", "overhead_budget", 0.25)
+    doc["snapshot"]["max_lag_seconds"] = 120
+    tuned = JobSpec.from_dict(doc)
+    assert (tuned.overhead_budget, tuned.max_lag_seconds) == (0.25, 120.0)
+    assert isinstance(tuned.max_lag_seconds, float)
+    off = JobSpec.from_dict(_with("snapshot", "overhead_budget", 0))
+    assert off.overhead_budget == 0.0  # 0: sends follow the schedule alone
+    # they change when snapshots are sent, never what the job computes: not the job's
+    # identity, not in the BIRTH (so changing them keeps the job's id valid)
+    assert "overhead_budget" not in tuned.to_dict()["snapshot"]
+    assert "max_lag_seconds" not in tuned.to_dict()["snapshot"]
+    assert tuned == base and tuned.to_dict() == base.to_dict()

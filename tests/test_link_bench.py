@@ -12,10 +12,11 @@ from edge_agent.transport import publish_packet_size
 NS = TopicNamespace()
 
 
-def publish(topic: str, payload: bytes, *, alias: bool = False) -> bytes:
-    """An MQTT 5 QoS 1 PUBLISH packet (empty topic + alias property when ``alias``)."""
+def publish(topic: str, payload: bytes, *, alias: bool = False, setup: bool = False) -> bytes:
+    """An MQTT 5 QoS 1 PUBLISH packet: with ``alias``, an alias-only one (empty topic + the
+    alias property); with ``setup``, the topic and the alias property (a new alias)."""
     t = b"" if alias else topic.encode()
-    props = b"\x23\x00\x01" if alias else b""
+    props = b"\x23\x00\x01" if alias or setup else b""
     body = len(t).to_bytes(2, "big") + t + b"\x00\x07" + bytes([len(props)]) + props + payload
     rem, n = len(body), bytearray()
     while True:
@@ -31,7 +32,11 @@ def test_the_account_splits_a_publish_into_framing_header_and_data() -> None:
     snap = Snap("gw-1", "j", 1, 5, 4, 100, 0, 1, 300, bytes(300))
     payload = encode(snap)
     acct = WireAccount()
-    pkt = publish(NS.state("gw-1", "j"), payload, alias=True)
+    first = publish(NS.state("gw-1", "j"), payload, setup=True)  # sets alias 1 up
+    acct.packet("up", first)
+    acct.bytes.clear()
+    acct.count.clear()
+    pkt = publish(NS.state("gw-1", "j"), payload, alias=True)  # the topic is the alias's
     acct.packet("up", pkt)
     assert acct.get("up snap data") == 300
     assert acct.get("up snap header") == len(payload) - 300
@@ -43,7 +48,14 @@ def test_the_account_splits_a_publish_into_framing_header_and_data() -> None:
     assert acct.get("down ack") == len(ack) and acct.n("down ack framing") == 1
     acct.packet("down", b"\x40\x02\x00\x07")  # PUBACK
     acct.packet("up", publish("x/y", b"not a protocol message"))
-    assert acct.get("down PUBACK") == 4 and acct.n("up other framing") == 1
+    # a payload under a topic it was not made for is not a protocol message
+    acct.packet("up", publish(NS.state("gw-2", "j"), payload))
+    assert acct.n("up other framing") == 2 and acct.n("up snap data") == 1
+    assert acct.get("down PUBACK") == 4
+    # per snapshot: its chunk's header and framing, the broker's PUBACK, the server's ACK
+    # for it with its framing (QoS 1 here: and our PUBACK)
+    ack_pkt = publish(NS.ack("gw-1", "j"), ack)
+    assert acct.per_seq[5] == (len(first) - 300 + 4) + (len(pkt) - 300 + 4) + len(ack_pkt) + 4
 
 
 def test_lag_is_rebuilt_from_the_acks() -> None:

@@ -11,6 +11,7 @@ from edge_agent.policy import (
     DEFAULT_LINK_RATE,
     KvPolicy,
     LinkCapacity,
+    OverheadBudget,
     SnapshotPolicy,
     StepRate,
 )
@@ -84,6 +85,83 @@ def test_snapshot_policy_refuses_a_bad_schedule(steps: int | None, seconds: floa
 
 
 # -- StepRate, LinkCapacity ---------------------------------------------------------------------
+
+
+# -- OverheadBudget ---------------------------------------------------------------------------
+
+
+def test_overhead_budget_fits_payload_against_steps() -> None:
+    b = OverheadBudget(0.10, 60.0)
+    assert b.model() is None and b.min_steps() is None  # nothing measured: never held
+    # a payload of 125 bytes + 1 byte a step, a send costing 100 bytes besides it
+    b.observe(steps=40, payload_bytes=165, cost_bytes=100)
+    assert b.model() == pytest.approx((165 / 2, 165 / 80))  # one point: half of it scales
+    # the next send must carry 1,000 bytes (100 at 10%), and make up for this one: the
+    # two together carry 200 bytes of cost, so 2,000 bytes of payload
+    assert b.min_steps() == pytest.approx((2000 - 165 - 165 / 2) / (165 / 80))
+    b.observe(steps=242, payload_bytes=367, cost_bytes=100)
+    a, slope = b.model()  # type: ignore[misc]
+    assert (a, slope) == pytest.approx((125.0, 1.0))
+    assert b.min_steps() == pytest.approx(3000 - 532 - 125)  # catching up with the first two
+    b.observe(steps=2343, payload_bytes=2468, cost_bytes=100)
+    assert b.total_cost == 300 and b.total_payload == 3000  # 10% so far, exactly
+    assert b.min_steps() == pytest.approx(875.0)  # from now on: 1,000 bytes a send
+    assert b.cost == pytest.approx(100.0)
+
+
+def test_a_full_snapshot_stands_in_until_a_delta_is_measured() -> None:
+    b = OverheadBudget(0.10, 60.0)
+    b.observe(steps=40, payload_bytes=200, cost_bytes=100, full=True)
+    assert b.model() == pytest.approx((100.0, 2.5))
+    assert b.min_steps() == pytest.approx((2000 - 200 - 100) / 2.5)
+    b.observe(steps=100, payload_bytes=225, cost_bytes=100)
+    assert b.model() == pytest.approx((112.5, 1.125))  # the deltas' own from now on
+
+
+def test_overhead_budget_does_not_hold_what_would_not_help() -> None:
+    b = OverheadBudget(0.10, 60.0)
+    b.observe(steps=10, payload_bytes=5000, cost_bytes=100)  # the payload carries its cost
+    b.observe(steps=20, payload_bytes=10000, cost_bytes=100)
+    assert b.min_steps() == pytest.approx(2.0)  # well within any schedule: never held
+    flat = OverheadBudget(0.10, 60.0)
+    flat.observe(steps=10, payload_bytes=300, cost_bytes=100)  # payloads that do not grow
+    flat.observe(steps=50, payload_bytes=290, cost_bytes=100)
+    assert flat.min_steps() is None  # a longer interval would not lower the share
+    big = OverheadBudget(0.10, 60.0)
+    big.observe(steps=10, payload_bytes=0, cost_bytes=100)  # ignored: nothing to learn
+    big.observe(steps=0, payload_bytes=10, cost_bytes=100)
+    assert big.min_steps() is None
+
+
+@pytest.mark.parametrize(
+    ("budget", "lag"), [(0.0, 60.0), (-1.0, 60.0), (0.1, 0.0), (0.1, float("nan"))]
+)
+def test_overhead_budget_refuses_bad_settings(budget: float, lag: float) -> None:
+    with pytest.raises(JobSpecError):
+        OverheadBudget(budget, lag)
+
+
+def test_send_is_held_by_the_budget_until_max_lag() -> None:
+    b = OverheadBudget(0.10, 30.0)
+    p = SnapshotPolicy(None, 2.0, step=0, now=0.0, overhead=b)
+    assert p.send_due(40, 2.0) and not p.held  # nothing measured yet
+    p.sent(40, 2.0)
+    b.observe(steps=40, payload_bytes=165, cost_bytes=100)
+    b.observe(steps=80, payload_bytes=205, cost_bytes=100)  # 125 + 1 a step
+    need = 3000 - 370 - 125  # 300 bytes of cost in three sends: 3,000 bytes of payload
+    assert b.min_steps() == pytest.approx(need)
+    assert not p.send_due(80, 4.0) and p.held  # due on the schedule, held by the budget
+    assert not p.local_due(40, 4.0) and p.local_due(80, 4.0)  # local snapshots are not held
+    assert not p.send_due(40 + need - 1, 20.0)
+    assert p.send_due(40 + need, 20.0) and not p.held
+    assert p.send_due(100, 32.0)  # or max_lag_seconds since the last send, whatever the steps
+    b.round_trip = 5.0
+    assert p.send_due(100, 27.0) and not p.send_due(100, 26.9)  # ...less an offer-to-ack
+    p.force_send()
+    assert p.send_due(41, 3.0)  # a forced send (NeedsFull) is never held
+    # the expected interval follows the budget, up to max_lag_seconds
+    assert p.expected_interval(100.0) == pytest.approx((need / 100, need))
+    assert p.expected_interval(5.0) == pytest.approx((30.0, 150.0))
 
 
 def test_step_rate() -> None:

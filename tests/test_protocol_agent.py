@@ -96,7 +96,7 @@ def to_agent(msg: Message) -> Incoming:
 
 
 def msgs(items: list[Any]) -> list[Message]:
-    return [decode(i.payload) for i in items if isinstance(i, Outgoing)]
+    return [decode(i.payload, D, i.job) for i in items if isinstance(i, Outgoing)]
 
 
 def events(items: list[Any]) -> list[Any]:
@@ -476,7 +476,7 @@ def test_device_messages() -> None:
     assert (on.topic, on.retain, on.qos) == (NS.status(D), True, 1)
     hb = dev.heartbeat(3.0, {J: (10, 2), "j2": (0, None)})
     assert (hb.topic, hb.qos, hb.retain) == (NS.hb(D), 0, False)
-    assert decode(hb.payload).jobs == {J: (10, 2), "j2": (0, None)}  # type: ignore[union-attr]
+    assert decode(hb.payload, D).jobs == {J: (10, 2), "j2": (0, None)}  # type: ignore[union-attr]
     assert [x.filter for x in dev.subscriptions()] == [
         f"{NS.prefix}/{D}/+/ack",
         f"{NS.prefix}/{D}/+/ctl",
@@ -523,7 +523,7 @@ def test_an_identity_that_cannot_make_a_birth_fails_early() -> None:
 
 def sent_by(server: Any, msg: Message) -> list[Message]:
     effects = server.receive(decode_incoming(NS, NS.state(D, J), encode(msg)), 0.0)
-    return [decode(e.payload) for e in effects if isinstance(e, Outgoing)]
+    return [decode(e.payload, D, J) for e in effects if isinstance(e, Outgoing)]
 
 
 def test_a_pending_snapshot_cut_anew_after_a_restart_still_completes() -> None:

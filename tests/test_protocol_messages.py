@@ -27,6 +27,9 @@ from edge_agent.protocol.messages import (
     MAX_INT,
     MAX_NEED_RANGES,
     MAX_SPEC_DEPTH,
+    PROTOCOL_VERSION,
+    SNAP_WHOLE_CODE,
+    TYPE_CODES,
     Ack,
     Birth,
     Ctl,
@@ -202,9 +205,19 @@ def samples() -> list[Message]:
     ]
 
 
-def seal(values: Any) -> bytes:
+def where_of(msg: Message) -> tuple[str, str | None]:
+    """The topic ids a message travels under: its device and, for a job's message, its job."""
+    return msg.device, getattr(msg, "job", None)
+
+
+def check_of(body: bytes, device: str = "gw-1", job: str | None = "j1") -> bytes:
+    """The 4-byte check: xxh32 over ``device/job\\n`` and the array's bytes."""
+    return struct.pack("<I", xxhash.xxh32_intdigest(f"{device}/{job or ''}\n".encode() + body))
+
+
+def seal(values: Any, device: str = "gw-1", job: str | None = "j1") -> bytes:
     body = msgpack.packb(values, use_bin_type=True)
-    return body + struct.pack("<I", xxhash.xxh32_intdigest(body))
+    return body + check_of(body, device, job)
 
 
 def fields_of(msg: Message) -> list[Any]:
@@ -222,29 +235,75 @@ def wire_values(msg: Message) -> list[Any]:
 @given(messages)
 def test_round_trip(msg: Message) -> None:
     data = encode(msg)
-    assert decode(data) == msg
-    assert decode(bytearray(data)) == msg
-    assert decode(memoryview(data)) == msg
+    assert decode(data, *where_of(msg)) == msg
+    assert decode(bytearray(data), *where_of(msg)) == msg
+    assert decode(memoryview(data), *where_of(msg)) == msg
 
 
 def test_every_type_round_trips_and_has_the_documented_layout() -> None:
+    assert PROTOCOL_VERSION == 2
     for msg in samples():
-        assert decode(encode(msg)) == msg
+        data = encode(msg)
+        assert decode(data, *where_of(msg)) == msg
         raw = wire_values(msg)
-        assert raw[:3] == [1, msg.TYPE, "gw-1"]
+        assert raw[:2] == [2, TYPE_CODES[msg.TYPE]]
+        # the topic names the device and the job: the payload does not repeat them
+        assert b"gw-1" not in data
+        if not isinstance(msg, Heartbeat):  # a heartbeat's map names its jobs
+            assert b"j1" not in data
+    assert sorted(TYPE_CODES.values()) == list(range(1, 13)) and SNAP_WHOLE_CODE == 13
+
+
+def test_enumerated_fields_travel_as_codes() -> None:
+    assert wire_values(Ctl("gw-1", "j1", 3, "server", "stop", 5))[3:5] == [1, 2]
+    assert wire_values(Sync("gw-1", "j1", 2, "edge", None, None))[3] == 0
+    assert wire_values(Nack("gw-1", "j1", 2, 7, "invalid", None, None))[4] == 6
+
+
+def test_a_whole_payload_snap_takes_the_short_form() -> None:
+    whole = Snap("gw-1", "j1", 2, 7, 6, 300, 0, 1, 5, b"abcde")
+    assert wire_values(whole) == [2, SNAP_WHOLE_CODE, 2, 7, 6, 300, b"abcde"]
+    assert decode(encode(whole), "gw-1", "j1") == whole
+    long_form = seal([2, TYPE_CODES["snap"], 2, 7, 6, 300, 0, 1, 5, b"abcde"])
+    assert decode(long_form, "gw-1", "j1") == whole  # the long form is valid too
+    assert len(encode(whole)) == len(long_form) - 3
+    with pytest.raises(MalformedMessage):  # a whole payload is at least one byte
+        decode(seal([2, SNAP_WHOLE_CODE, 2, 7, 6, 300, b""]), "gw-1", "j1")
+    with pytest.raises(MalformedMessage):
+        decode(seal([2, SNAP_WHOLE_CODE, 2, 7, 6, 300, "abc"]), "gw-1", "j1")
+
+
+def test_a_message_is_bound_to_its_topic_ids() -> None:
+    """The check covers the topic's device and job: a message published under another
+    device's or job's topic than it was made for is refused, so a device cannot pass off a
+    message as another's even where the broker's ACL would let it through."""
+    ack = encode(Ack("gw-1", "j1", 2, 7, H))
+    assert decode(ack, "gw-1", "j1") == Ack("gw-1", "j1", 2, 7, H)
+    for device, job in [("gw-2", "j1"), ("gw-1", "j2"), ("gw-1", None), ("gw-1j", "1")]:
+        with pytest.raises(MalformedMessage, match="another device or job"):
+            decode(ack, device, job)
+    status = encode(Status("gw-1", True, "run-1", 0))
+    with pytest.raises(MalformedMessage):
+        decode(status, "gw-1", "j1")
+    with pytest.raises(MalformedMessage, match="job's topic"):  # a job's message, no job
+        decode(seal([2, TYPE_CODES["ack"], 2, 7, H], "gw-1", None), "gw-1", None)
+    with pytest.raises(MalformedMessage, match="not a valid id"):
+        decode(seal([2, TYPE_CODES["ack"], 2, 7, H], "gw+1", "j1"), "gw+1", "j1")
+    with pytest.raises(MalformedMessage, match="not a valid id"):
+        decode(seal([2, TYPE_CODES["ack"], 2, 7, H], "gw-1", "j 1"), "gw-1", "j 1")
 
 
 def test_snap_data_from_a_memoryview_is_sent_as_bin() -> None:
     payload = b"0123456789"
     snap = Snap("gw-1", "j1", 1, 1, None, 0, 1, 3, 10, memoryview(payload)[3:6])
-    back = decode(encode(snap))
+    back = decode(encode(snap), "gw-1", "j1")
     assert isinstance(back, Snap) and back.data == b"345" and type(back.data) is bytes
 
 
 def test_extra_trailing_fields_are_ignored() -> None:
     for msg in samples():
         raw = wire_values(msg)
-        assert decode(seal([*raw, "future", 1, None])) == msg
+        assert decode(seal([*raw, "future", 1, None], *where_of(msg)), *where_of(msg)) == msg
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -253,68 +312,78 @@ def test_extra_trailing_fields_are_ignored() -> None:
 @pytest.mark.parametrize(
     ("index", "value", "why"),
     [
-        (4, True, "bool is not an int"),
-        (4, 0, "epoch starts at 1"),
-        (4, 2**63, "over int64"),
-        (5, -1, "negative seq"),
-        (6, 6.0, "a float base_seq"),
-        (6, 7, "base_seq not below seq"),
-        (8, 3, "index == count"),
-        (9, 11, "count > size"),
-        (10, 0, "size 0"),
-        (11, b"\x00\x01", "data shorter than its span"),
-        (11, "abc", "data as str"),
-        (3, "j1\n", "an id with a newline"),
-        (3, "-j1", "an id starting with '-'"),
-        (3, "j" * 65, "an id of 65 characters"),
-        (3, "j/1", "an id with a slash"),
-        (2, "gw+1", "a device with a wildcard"),
+        (2, True, "bool is not an int"),
+        (2, 0, "epoch starts at 1"),
+        (2, 2**63, "over int64"),
+        (3, -1, "negative seq"),
+        (4, 6.0, "a float base_seq"),
+        (4, 7, "base_seq not below seq"),
+        (6, 3, "index == count"),
+        (7, 11, "count > size"),
+        (8, 0, "size 0"),
+        (9, b"\x00\x01", "data shorter than its span"),
+        (9, "abc", "data as str"),
     ],
 )
 def test_snap_fields_are_checked(index: int, value: Any, why: str) -> None:
     raw = wire_values(samples()[3])
     raw[index] = value
     with pytest.raises(MalformedMessage):
-        decode(seal(raw))
+        decode(seal(raw), "gw-1", "j1")
+
+
+@pytest.mark.parametrize(
+    ("device", "job"),
+    [("gw-1", "j1\n"), ("gw-1", "-j1"), ("gw-1", "j" * 65), ("gw-1", "j/1"), ("gw+1", "j1")],
+)
+def test_ids_from_the_topic_are_checked(device: str, job: str) -> None:
+    raw = wire_values(samples()[3])
+    with pytest.raises(MalformedMessage):
+        decode(seal(raw, device, job), device, job)
 
 
 @pytest.mark.parametrize(
     ("sample", "index", "value"),
     [
-        (0, 3, 1),  # online: an int is not a bool
-        (0, 4, "run 1"),  # session with a space
-        (0, 4, ""),  # empty session
-        (1, 5, {"j1": [3]}),  # hb progress too short
-        (1, 5, {"j 1": [3, None]}),  # hb job id invalid
-        (1, 5, {"j1": [3, 0]}),  # hb acked seq 0
-        (1, 5, {"j1": [True, None]}),
-        (2, 6, []),  # spec not a map
-        (2, 9, None),  # acked_seq nil while acked_hash is set
-        (2, 10, H[:15]),  # a 15-byte hash
-        (2, 10, "x" * 16),  # a hash as str
-        (2, 8, 2**32),  # codec_version out of range
-        (2, 7, "sha256 abc"),  # model_hash with a space
-        (2, 12, -1),  # total_steps negative
-        (7, 5, "owner"),  # sync owner unknown
-        (7, 6, None),  # sync seq nil, hash set
-        (9, 6, "nope"),  # nack reason unknown
-        (9, 5, -1),  # nack seq negative
-        (10, 6, [[2, 3], [0, 1]]),  # need ranges unsorted
-        (10, 6, [[0, 2], [1, 3]]),  # overlapping
-        (10, 6, [[1, 1]]),  # empty range
-        (10, 6, [[0, MAX_CHUNKS + 1]]),  # past MAX_CHUNKS
-        (10, 6, [[0, 1, 2]]),  # not a pair
-        (10, 6, [[i * 2, i * 2 + 1] for i in range(MAX_NEED_RANGES + 1)]),
-        (11, 6, "pause"),  # ctl request unknown
-        (11, 5, "both"),  # ctl owner unknown
-        (11, 7, -5),  # ctl ts negative
+        (0, 2, 1),  # online: an int is not a bool
+        (0, 3, "run 1"),  # session with a space
+        (0, 3, ""),  # empty session
+        (1, 4, {"j1": [3]}),  # hb progress too short
+        (1, 4, {"j 1": [3, None]}),  # hb job id invalid
+        (1, 4, {"j1": [3, 0]}),  # hb acked seq 0
+        (1, 4, {"j1": [True, None]}),
+        (2, 4, []),  # spec not a map
+        (2, 7, None),  # acked_seq nil while acked_hash is set
+        (2, 8, H[:15]),  # a 15-byte hash
+        (2, 8, "x" * 16),  # a hash as str
+        (2, 6, 2**32),  # codec_version out of range
+        (2, 5, "sha256 abc"),  # model_hash with a space
+        (2, 10, -1),  # total_steps negative
+        (7, 3, "edge"),  # sync owner as a str, not its code
+        (7, 3, 2),  # sync owner code unknown
+        (7, 3, True),  # a bool is not a code
+        (7, 4, None),  # sync seq nil, hash set
+        (9, 4, "base"),  # nack reason as a str
+        (9, 4, 7),  # nack reason code unknown
+        (9, 4, -1),
+        (9, 3, -1),  # nack seq negative
+        (10, 4, [[2, 3], [0, 1]]),  # need ranges unsorted
+        (10, 4, [[0, 2], [1, 3]]),  # overlapping
+        (10, 4, [[1, 1]]),  # empty range
+        (10, 4, [[0, MAX_CHUNKS + 1]]),  # past MAX_CHUNKS
+        (10, 4, [[0, 1, 2]]),  # not a pair
+        (10, 4, [[i * 2, i * 2 + 1] for i in range(MAX_NEED_RANGES + 1)]),
+        (11, 4, 3),  # ctl request code unknown
+        (11, 3, 2),  # ctl owner code unknown
+        (11, 5, -5),  # ctl ts negative
     ],
 )
 def test_fields_are_checked(sample: int, index: int, value: Any) -> None:
-    raw = wire_values(samples()[sample])
+    msg = samples()[sample]
+    raw = wire_values(msg)
     raw[index] = value
     with pytest.raises(MalformedMessage):
-        decode(seal(raw))
+        decode(seal(raw, *where_of(msg)), *where_of(msg))
 
 
 def test_spec_depth_limit_is_exact() -> None:
@@ -325,47 +394,48 @@ def test_spec_depth_limit_is_exact() -> None:
         return v
 
     raw = wire_values(samples()[2])
-    raw[6] = {"a": nested(MAX_SPEC_DEPTH - 1)}
-    assert isinstance(decode(seal(raw)), Birth)
-    raw[6] = {"a": nested(MAX_SPEC_DEPTH)}
+    raw[4] = {"a": nested(MAX_SPEC_DEPTH - 1)}
+    assert isinstance(decode(seal(raw), "gw-1", "j1"), Birth)
+    raw[4] = {"a": nested(MAX_SPEC_DEPTH)}
     with pytest.raises(MalformedMessage, match="nested"):
-        decode(seal(raw))
+        decode(seal(raw), "gw-1", "j1")
 
 
 def test_unknown_version_and_type() -> None:
     raw = wire_values(samples()[0])
-    with pytest.raises(UnsupportedMessage, match="version 2"):
-        decode(seal([2, *raw[1:]]))
-    with pytest.raises(UnsupportedMessage, match=r"unknown message type"):
-        decode(seal([1, "gossip", *raw[2:]]))
-    with pytest.raises(MalformedMessage):
-        decode(seal(["1", *raw[1:]]))
-    with pytest.raises(MalformedMessage):
-        decode(seal([True, *raw[1:]]))
+    for version in (1, 3):
+        with pytest.raises(UnsupportedMessage, match=f"version {version}"):
+            decode(seal([version, *raw[1:]], "gw-1", None), "gw-1")
+    for code in (0, 14, 99):
+        with pytest.raises(UnsupportedMessage, match=r"unknown message type"):
+            decode(seal([2, code, *raw[2:]], "gw-1", None), "gw-1")
+    for bad in (["2", *raw[1:]], [True, *raw[1:]], [2, "status", *raw[2:]], [2, True, *raw[2:]]):
+        with pytest.raises(MalformedMessage):
+            decode(seal(bad, "gw-1", None), "gw-1")
 
 
 def test_too_few_fields_and_not_an_array() -> None:
     for msg in samples():
         raw = wire_values(msg)
         with pytest.raises(MalformedMessage):
-            decode(seal(raw[:-1]))
-    for value in [{}, 1, "snap", [], [1, "ack"], None]:
+            decode(seal(raw[:-1], *where_of(msg)), *where_of(msg))
+    for value in [{}, 1, "snap", [], [2], [2, 9], None]:
         with pytest.raises(MalformedMessage):
-            decode(seal(value))
+            decode(seal(value), "gw-1", "j1")
 
 
 def test_check_and_framing() -> None:
     data = encode(samples()[8])
     with pytest.raises(MalformedMessage, match="check"):
-        decode(data[:-1] + bytes([data[-1] ^ 1]))
+        decode(data[:-1] + bytes([data[-1] ^ 1]), "gw-1", "j1")
     with pytest.raises(MalformedMessage, match="check"):
-        decode(data[:10] + data[11:])
+        decode(data[:10] + data[11:], "gw-1", "j1")
     for short in [b"", b"\x90", b"\x90\x00\x00\x00"]:
         with pytest.raises(MalformedMessage):
-            decode(short)
+            decode(short, "gw-1", "j1")
     body = data[:-4] + b"\x00"  # extra data after the array, with a valid check
     with pytest.raises(MalformedMessage, match="msgpack"):
-        decode(body + struct.pack("<I", xxhash.xxh32_intdigest(body)))
+        decode(body + check_of(body), "gw-1", "j1")
 
 
 def test_announced_sizes_are_bounded_before_allocating() -> None:
@@ -376,20 +446,20 @@ def test_announced_sizes_are_bounded_before_allocating() -> None:
         b"\xc6\xff\xff\xff\xff",
         b"\xdb\xff\xff\xff\xff",
     ]:
-        body = b"\x94\x01\xa4snap" + head + b"\x00" * 8
+        body = b"\x94\x02\x04" + head + b"\x00" * 8
         with pytest.raises(MalformedMessage):
-            decode(body + struct.pack("<I", xxhash.xxh32_intdigest(body)))
+            decode(body + check_of(body), "gw-1", "j1")
     # msgpack extension types (the timestamp included) are refused
     raw = wire_values(samples()[0])
     for ext in [msgpack.ExtType(5, b"xx"), msgpack.Timestamp(1, 0)]:
-        body = msgpack.packb([*raw[:3], ext, *raw[4:]], use_bin_type=True)
+        body = msgpack.packb([*raw[:2], ext, *raw[3:]], use_bin_type=True)
         with pytest.raises(MalformedMessage):
-            decode(body + struct.pack("<I", xxhash.xxh32_intdigest(body)))
+            decode(body + check_of(body, "gw-1", None), "gw-1")
     # deep nesting in the spec map is refused by msgpack or by the depth check
     deep = b"\x91" * 5000 + b"\x01"
-    body = b"\x9e\x01\xa5birth\xa4gw-1\xa2j1\x01\xa1s\x81\xa1a" + deep
+    body = b"\x9c\x02\x03\x01\xa1s\x81\xa1a" + deep
     with pytest.raises(MalformedMessage):
-        decode(body + struct.pack("<I", xxhash.xxh32_intdigest(body)))
+        decode(body + check_of(body), "gw-1", "j1")
 
 
 def test_building_an_invalid_message_is_a_local_error() -> None:
@@ -426,13 +496,13 @@ def test_chunk_spans_tile_the_payload() -> None:
 # -- fuzzing ----------------------------------------------------------------------------------
 
 
-def decode_or_refuse(data: bytes) -> Message | None:
+def decode_or_refuse(data: bytes, device: str = "gw-1", job: str | None = "j1") -> Message | None:
     """Decode must return a valid message or raise a RemoteProtocolError, nothing else."""
     try:
-        msg = decode(data)
+        msg = decode(data, device, job)
     except (MalformedMessage, UnsupportedMessage):
         return None
-    assert decode(encode(msg)) == msg  # what it accepts is a valid message
+    assert decode(encode(msg), *where_of(msg)) == msg  # what it accepts is a valid message
     return msg
 
 
@@ -473,6 +543,9 @@ ODD_VALUES: list[Any] = [
     "gw-1",
     "j1",
     "edge",
+    2,
+    6,
+    13,
     "server",
     "run",
     "base",
@@ -529,7 +602,7 @@ def test_seeded_mutation_fuzz() -> None:
         if data == encoded[n % len(encoded)]:
             continue  # the mutation happened to change nothing
         try:
-            decode(data)
+            decode(data, *where_of(base[n % len(base)]))
             accepted += 1
         except MalformedMessage as exc:
             caught_by_check += "check" in str(exc)
@@ -538,11 +611,12 @@ def test_seeded_mutation_fuzz() -> None:
     outcomes: dict[str, int] = {}
     for n in range(20_000):
         raw = mutate_structure(rng, raws[n % len(raws)])
+        where = where_of(base[n % len(base)])
         try:
-            data = seal(raw)
+            data = seal(raw, *where)
         except (TypeError, ValueError, OverflowError):
             continue  # not even packable
-        msg = decode_or_refuse(data)
+        msg = decode_or_refuse(data, *where)
         key = "accepted" if msg is not None else "refused"
         outcomes[key] = outcomes.get(key, 0) + 1
     assert outcomes["refused"] > 10_000 and outcomes.get("accepted", 0) > 100
@@ -553,17 +627,19 @@ def test_seeded_mutation_fuzz() -> None:
 def test_hypothesis_structure_fuzz(msg: Message, rnd: random.Random) -> None:
     raw = mutate_structure(rnd, wire_values(msg))
     try:
-        data = seal(raw)
+        data = seal(raw, *where_of(msg))
     except (TypeError, ValueError, OverflowError):
         return
-    decode_or_refuse(data)
+    decode_or_refuse(data, *where_of(msg))
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_with_a_valid_check(body: bytes) -> None:
     with contextlib.suppress(RemoteProtocolError):
-        decode(body + struct.pack("<I", xxhash.xxh32_intdigest(body)))
+        decode(body + check_of(body), "gw-1", "j1")
+    with contextlib.suppress(RemoteProtocolError):
+        decode(body + check_of(body, "gw-1", None), "gw-1")
 
 
 @settings(max_examples=300, deadline=None)
@@ -582,5 +658,6 @@ def test_arbitrary_bytes_with_a_valid_check(body: bytes) -> None:
     )
 )
 def test_arbitrary_msgpack_values(value: Any) -> None:
-    for prefix in ([], [1], [1, "snap"], [1, "birth", "gw-1"], [1, "hb", "gw-1", "s", 1]):
+    for prefix in ([], [2], [2, 4], [2, 13, 1, 2], [2, 3, 1], [2, 2, "s", 1]):
         decode_or_refuse(seal([*prefix, value] if prefix else value))
+        decode_or_refuse(seal([*prefix, value] if prefix else value, "gw-1", None), "gw-1", None)

@@ -67,7 +67,7 @@ def incoming(msg: Message, topic_device: str | None = None) -> Incoming:
 
 
 def sent(effects: list[Any]) -> list[Message]:
-    return [decode(e.payload) for e in effects if isinstance(e, Outgoing)]
+    return [decode(e.payload, D, J) for e in effects if isinstance(e, Outgoing)]
 
 
 def chunks(
@@ -246,7 +246,7 @@ def test_query() -> None:
     h1 = state_hash(S1)
     assert sent(s.receive(incoming(Query(D, J, 1, 1, 3)), 0.0)) == [Ack(D, J, 1, 1, h1)]
     p2 = encode_delta(S1, S2)
-    c = chunks(p2, 3, 1, max_message=70)
+    c = chunks(p2, 3, 1, max_message=45)
     assert len(c) >= 3
     s.receive(incoming(c[1]), 0.0)
     n = len(c)
@@ -284,7 +284,7 @@ def test_take_over_fences_everything_after() -> None:
     effects = s.take_over(42.0)
     assert effects[0] == RecordOwnership(2, "server", "takeover")  # stored before published
     assert isinstance(effects[1], Outgoing) and effects[1].retain
-    assert decode(effects[1].payload) == Ctl(D, J, 2, "server", "run", 42000)
+    assert decode(effects[1].payload, D, J) == Ctl(D, J, 2, "server", "run", 42000)
     assert (s.epoch, s.owner) == (2, "server")
     for msg in [
         chunks(encode_delta(S1, S2), 2, 1)[0],
@@ -299,7 +299,7 @@ def test_take_over_fences_everything_after() -> None:
     assert (s.current_seq, s.current_hash) == (1, h1)
     assert [type(e) for e in s.take_over(43.0)] == [Outgoing]  # idempotent: the CTL again
     retained = s.retained_ctl(44.0)
-    assert retained is not None and decode(retained.payload).owner == "server"  # type: ignore[union-attr]
+    assert retained is not None and decode(retained.payload, D, J).owner == "server"  # type: ignore[union-attr]
 
 
 def test_live_handover_and_release() -> None:
@@ -333,7 +333,7 @@ def test_done() -> None:
     assert isinstance(late[0], Refused) and s.current_seq == 1
     with pytest.raises(LocalProtocolError, match="completed"):
         s.take_over(0.0)
-    assert decode(s.retained_ctl(0.0).payload).request == "stop"  # type: ignore[union-attr]
+    assert decode(s.retained_ctl(0.0).payload, D, J).request == "stop"  # type: ignore[union-attr]
 
 
 def test_wrong_device_or_job_is_refused_without_reply() -> None:

@@ -36,7 +36,7 @@ def test_layout_matches_the_spec() -> None:
         (1, True),
         (0, False),
         (1, False),
-        (1, False),
+        (0, False),  # the server's replies: a lost one is asked for again (QUERY, BIRTH)
         (1, True),
     ]
 
@@ -106,7 +106,7 @@ def test_subscriptions() -> None:
 def test_will_is_a_retained_offline_status() -> None:
     w = AgentDevice("gw-1", "run-1").will(12.5)
     assert (w.topic, w.qos, w.retain) == ("edge-resume/v1/gw-1/status", 1, True)
-    assert decode(w.payload) == Status("gw-1", False, "run-1", 12500)
+    assert decode(w.payload, "gw-1") == Status("gw-1", False, "run-1", 12500)
 
 
 def test_outgoing_picks_topic_qos_retain() -> None:
@@ -131,10 +131,15 @@ def test_outgoing_picks_topic_qos_retain() -> None:
 def test_decode_incoming_checks_the_topic() -> None:
     ack = encode(Ack("gw-1", "j1", 1, 1, H))
     assert decode_incoming(NS, NS.ack("gw-1", "j1"), ack).message.TYPE == "ack"
-    with pytest.raises(TopicMismatch, match="device"):
+    # the payload does not name its device and job; its check covers the topic's, so a
+    # message published on another device's or job's topic is refused
+    with pytest.raises(MalformedMessage, match="another device or job"):
         decode_incoming(NS, NS.ack("gw-2", "j1"), ack)
-    with pytest.raises(TopicMismatch, match="job"):
+    with pytest.raises(MalformedMessage, match="another device or job"):
         decode_incoming(NS, NS.ack("gw-1", "j2"), ack)
+    status = encode(Status("gw-1", True, "run-1", 0))
+    with pytest.raises(MalformedMessage):  # a device-wide message on a job's topic
+        decode_incoming(NS, NS.ack("gw-1", "j1"), status)
     with pytest.raises(TopicMismatch, match="may not travel"):
         decode_incoming(NS, NS.ctl("gw-1", "j1"), ack)
     with pytest.raises(TopicMismatch, match="may not travel"):

@@ -5,6 +5,7 @@ same agent as a process against Mosquitto.)"""
 
 from __future__ import annotations
 
+import itertools
 import queue
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,7 +78,8 @@ class FakeLink:
         pass
 
     def publish(self, topic: str, payload: bytes, **kw: Any) -> FakeTicket:
-        msg = decode(payload)
+        t = NS.parse(topic)
+        msg = decode(payload, t.device, t.job)
         self.sent.append(msg)
         if self.hook is not None:
             self.hook(msg)
@@ -132,7 +134,8 @@ def gen(tiny_models: dict[str, Path], tmp_path: Path) -> Iterator[Callable[..., 
             tmp_path, job_id, "generate", tiny_models["tiny-decoder.onnx"],
             params={"prompt": PROMPT, "max_new_tokens": tokens, "temperature": 0.7,
                     "seed": 3},
-            snapshot=snapshot or {"every_steps": 10},
+            # the overhead budget is off unless a test asks: they count snapshots
+            snapshot={"overhead_budget": 0, **(snapshot or {"every_steps": 10})},
             link={"kv": kv},
         )  # fmt: skip
         return JobSpec.load(path)
@@ -299,7 +302,8 @@ def test_ctl_is_honoured_even_before_the_sync(gen: Callable[..., JobSpec], tmp_p
 
 
 def test_progress_reports_and_heartbeats(gen: Callable[..., JobSpec], tmp_path: Path) -> None:
-    spec = gen(tokens=300, every_seconds=0.05)
+    # one snapshot at the end: in between, nothing but heartbeats goes to the server
+    spec = gen(tokens=300, every_seconds=1000.0)
     seen: list[list[JobProgress]] = []
     link = FakeLink()
     agent = Agent([spec], options(tmp_path), link=link, on_progress=lambda r, c: seen.append(r))
@@ -308,6 +312,68 @@ def test_progress_reports_and_heartbeats(gen: Callable[..., JobSpec], tmp_path: 
     assert seen[-1][0].total == 300 and seen[-1][0].acked_step == 300
     hbs = [x for x in link.sent if type(x).__name__ == "Heartbeat"]
     assert hbs and all(set(h.jobs) <= {"g1"} for h in hbs)
+
+
+def test_a_heartbeat_is_skipped_while_other_messages_go_out(
+    gen: Callable[..., JobSpec], tmp_path: Path
+) -> None:
+    t = [0.0]
+    link = FakeLink(online=False)
+    agent = Agent([gen()], options(tmp_path, heartbeat_interval=10.0), link=link,
+                  clock=lambda: t[0])  # fmt: skip
+    agent._link = link  # connected by hand: only the heartbeat logic runs
+    o = agent.now()  # the agent's times are anchored to the wall clock
+    agent.connected, agent._next_hb = True, o + 10.0
+
+    def heartbeats() -> int:
+        return sum(1 for m in link.sent if type(m).__name__ == "Heartbeat")
+
+    t[0] = 5.0
+    agent._publish(agent.device.online(o + 5.0))  # any message proves the device alive
+    t[0] = 10.0
+    agent._heartbeat(o + 10.0)
+    assert heartbeats() == 0  # something went out within the interval: no heartbeat
+    agent._heartbeat(o + 14.9)
+    assert heartbeats() == 0
+    t[0] = 15.0
+    agent._heartbeat(o + 15.0)
+    assert heartbeats() == 1  # a whole interval of silence: a heartbeat
+    agent._heartbeat(o + 24.9)
+    assert heartbeats() == 1
+    t[0] = 25.0
+    agent._heartbeat(o + 25.0)
+    assert heartbeats() == 2
+
+
+def test_the_overhead_budget_holds_small_sends_back(
+    gen: Callable[..., JobSpec], tmp_path: Path
+) -> None:
+    """kv = recompute: a send carries tokens (a byte or so each) and a ~125-byte codec
+    header, and costs ~100 bytes besides; on a schedule of every 10 steps the budget holds
+    sends back until they carry ~10x their cost, and the server still ends with the job's
+    exact state."""
+    counts = {}
+    for budget in (0, 0.1):
+        spec = gen(f"b{int(budget * 100)}", tokens=3000, kv="recompute", every_steps=10,
+                   overhead_budget=budget, max_lag_seconds=3600.0)  # fmt: skip
+        link = FakeLink()
+        agent = Agent([spec], options(tmp_path / str(budget)), link=link)
+        assert agent.run() == 0
+        snaps = [m for m in link.sent if isinstance(m, Snap)]
+        counts[budget] = len(snaps)
+        got = link.states[spec.id]["tokens"]
+        assert np.array_equal(got, expected_tokens(spec))
+        b = agent.runners[spec.id].snapshots.overhead
+        if budget:
+            assert b is not None and b.cost is not None and 40 < b.cost < 200
+            steps = [s.step for s in snaps]
+            gaps = [y - x for x, y in itertools.pairwise(steps)]
+            assert max(gaps) > 1000  # held back well past the 10-step schedule
+            # together the sends stay near the budget: their costs over their payloads
+            assert b.total_cost < 0.15 * b.total_payload
+        else:
+            assert b is None
+    assert counts[0.1] * 5 < counts[0]
 
 
 def test_two_jobs_take_turns(gen: Callable[..., JobSpec], tmp_path: Path) -> None:

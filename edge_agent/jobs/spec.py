@@ -15,6 +15,9 @@ A job file names a job, its kind and its model, and carries kind-specific parame
     [snapshot]
     every_steps = 50                     # optional
     every_seconds = 30.0                 # optional; 30.0 when neither is given
+    overhead_budget = 0.10               # hold sends back while their fixed cost would be
+                                         # over this share of the payload (0: never)
+    max_lag_seconds = 60.0               # ...but never longer than this since the last send
 
     [link]
     kv = "auto"                          # "send" | "recompute" | "auto"
@@ -59,6 +62,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 __all__ = [
     "DEFAULT_EVERY_SECONDS",
+    "DEFAULT_MAX_LAG_SECONDS",
+    "DEFAULT_OVERHEAD_BUDGET",
     "ID_PATTERN",
     "KV_POLICIES",
     "MAX_JOB_FILE_BYTES",
@@ -72,6 +77,10 @@ HASH_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
 KV_POLICIES = ("send", "recompute", "auto")
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 DEFAULT_EVERY_SECONDS = 30.0
+DEFAULT_OVERHEAD_BUDGET = 0.10
+DEFAULT_MAX_LAG_SECONDS = 60.0
+MAX_OVERHEAD_BUDGET = 100.0
+MAX_LAG_SECONDS = 7 * 86400.0
 MAX_JOB_FILE_BYTES = 1 << 20
 MAX_PARAM_DEPTH = 16
 MAX_PATH_CHARS = 4096
@@ -80,7 +89,7 @@ MAX_MIN_STEP_SECONDS = 3600.0
 _SECTIONS = {
     "job": {"id", "kind", "model", "model_hash"},
     "params": None,  # free-form, checked by the job class
-    "snapshot": {"every_steps", "every_seconds"},
+    "snapshot": {"every_steps", "every_seconds", "overhead_budget", "max_lag_seconds"},
     "link": {"kv"},
     "runtime": {"intra_op_threads", "optimization", "min_step_seconds"},
     "server": {"auto_resume_after"},
@@ -161,6 +170,14 @@ class JobSpec:
     (demos and tests, so that a tiny model's job lasts long enough to be interrupted).
     Edge-side only: it changes when steps run, never what they compute, so it is not part
     of the job's identity (not compared, not in :meth:`to_dict`, i.e. not in the BIRTH)."""
+    overhead_budget: float = field(default=DEFAULT_OVERHEAD_BUDGET, compare=False)
+    """``[snapshot] overhead_budget``: a send the schedule makes due is held back while its
+    fixed cost on the link (headers, framing, the server's ACK) would be over this share of
+    its payload (0: never held). Edge-side only, like ``min_step_seconds``: not part of the
+    job's identity, not in :meth:`to_dict`."""
+    max_lag_seconds: float = field(default=DEFAULT_MAX_LAG_SECONDS, compare=False)
+    """``[snapshot] max_lag_seconds``: the longest the overhead budget holds a send back,
+    counted from the previous send (it never shortens the schedule). Edge-side only."""
     base_dir: Path = field(default=Path("."), compare=True)
     """The folder relative paths resolve against (the job file's folder). Not serialized."""
     source: str = field(default="job spec", compare=False)
@@ -279,6 +296,23 @@ class JobSpec:
             every_seconds = float(every_seconds)
         if every_steps is None and every_seconds is None:
             every_seconds = DEFAULT_EVERY_SECONDS
+        budget = snap.get("overhead_budget", DEFAULT_OVERHEAD_BUDGET)
+        if type(budget) not in (int, float) or not (
+            math.isfinite(budget) and 0 <= budget <= MAX_OVERHEAD_BUDGET
+        ):
+            raise JobSpecError(
+                f"{_where(source, 'snapshot', 'overhead_budget')} must be a number "
+                f"0..{MAX_OVERHEAD_BUDGET:g} (a share of the payload: 0.1 is 10%; 0 turns it "
+                f"off), not {budget!r}"
+            )
+        max_lag = snap.get("max_lag_seconds", DEFAULT_MAX_LAG_SECONDS)
+        if type(max_lag) not in (int, float) or not (
+            math.isfinite(max_lag) and 0 < max_lag <= MAX_LAG_SECONDS
+        ):
+            raise JobSpecError(
+                f"{_where(source, 'snapshot', 'max_lag_seconds')} must be a number of seconds "
+                f"> 0 and <= {MAX_LAG_SECONDS:g}, not {max_lag!r}"
+            )
 
         kv = sections["link"].get("kv", "auto")
         if kv not in KV_POLICIES or type(kv) is not str:
@@ -334,6 +368,8 @@ class JobSpec:
             optimization=optimization,
             auto_resume_after=auto_resume_after,
             min_step_seconds=float(pace),
+            overhead_budget=float(budget),
+            max_lag_seconds=float(max_lag),
             base_dir=Path(base_dir),
             source=source,
         )
@@ -342,7 +378,8 @@ class JobSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a plain dict in the job file's layout, every default filled in
-        (``min_step_seconds``, edge-side pacing, is left out: it is not the job's identity).
+        (``min_step_seconds``, ``overhead_budget`` and ``max_lag_seconds``, edge-side pacing,
+        are left out: they are not the job's identity).
         ``JobSpec.from_dict(spec.to_dict(), base_dir=spec.base_dir) == spec``."""
         job: dict[str, Any] = {"id": self.id, "kind": self.kind, "model": self.model}
         if self.model_hash is not None:

@@ -613,7 +613,7 @@ class AgentJobSession:
     def _make_in_flight(
         self, seq: int, base_seq: int | None, h: bytes, step: int, payload: bytes, *, final: bool
     ) -> _InFlight:
-        over = snap_overhead(self.device, self.job, self._epoch, seq, base_seq, step, len(payload))
+        over = snap_overhead(self._epoch, seq, base_seq, step, len(payload))
         plan = ChunkPlan.fit(len(payload), over, self.config.max_message)
         return _InFlight(seq, base_seq, h, step, payload, plan, final)
 

@@ -29,6 +29,7 @@ from edge_agent.protocol.messages import (
     MAX_CHUNKS,
     MAX_NEED_RANGES,
     PROTOCOL_VERSION,
+    TYPE_CODES,
     Snap,
     chunk_span,
 )
@@ -51,17 +52,15 @@ DEFAULT_MAX_TRANSFER: Final = 1 << 30
 _CHECK_SIZE: Final = 4
 
 
-def snap_overhead(
-    device: str, job: str, epoch: int, seq: int, base_seq: int | None, step: int, size: int
-) -> int:
+def snap_overhead(epoch: int, seq: int, base_seq: int | None, step: int, size: int) -> int:
     """An upper bound on what a ``snap`` message adds to its chunk's bytes, for a transfer
     of ``size`` bytes: the array, every field at its largest for this transfer (index and
-    count at most ``size``), the data's bin header at its largest (5 bytes) and the check."""
+    count at most ``size``), the data's bin header at its largest (5 bytes) and the check.
+    (A transfer of one chunk takes the short form, smaller still.)"""
     body = msgpack.packb(
-        [PROTOCOL_VERSION, Snap.TYPE, device, job, epoch, seq, base_seq, step, size, size, size,
-         b""],
+        [PROTOCOL_VERSION, TYPE_CODES["snap"], epoch, seq, base_seq, step, size, size, size, b""],
         use_bin_type=True,
-    )  # fmt: skip
+    )
     return len(body) - 2 + 5 + _CHECK_SIZE  # the empty bin's 2-byte header grows to at most 5
 
 
@@ -119,9 +118,8 @@ def split_payload(
     """The ``snap`` messages of a payload (only ``indexes``, when given), each within
     ``max_message`` bytes once encoded. Chunks share the payload's memory (memoryviews)."""
     plan = ChunkPlan.fit(
-        len(payload), snap_overhead(device, job, epoch, seq, base_seq, step, len(payload)),
-        max_message,
-    )  # fmt: skip
+        len(payload), snap_overhead(epoch, seq, base_seq, step, len(payload)), max_message
+    )
     view = memoryview(payload)
     out = []
     for i in range(plan.count) if indexes is None else indexes:

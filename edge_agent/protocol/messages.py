@@ -3,10 +3,13 @@
     from edge_agent.protocol.messages import Ack, decode, encode
 
     data = encode(Ack("gw-1", "job-7", epoch=1, seq=12, hash=h))   # bytes for MQTT
-    msg = decode(data)                                            # Ack(...) again
+    msg = decode(data, "gw-1", "job-7")     # Ack(...) again: device and job from the topic
 
-A message is a msgpack array ``[1, type, device, ...fields]`` followed by a 4-byte check
-(xxh32 of the array's bytes, little-endian); docs/protocol.md section 3 is normative.
+A message is a msgpack array ``[2, type code, ...fields]`` followed by a 4-byte check
+(xxh32 over the topic's ids and the array's bytes, little-endian); docs/protocol.md
+section 3 is normative. The device and the job are not in the array: the topic a message
+travels on names them, and the check covers them, so a message moved to another device's
+or job's topic fails its check.
 
 Rules this module keeps:
 
@@ -45,6 +48,7 @@ __all__ = [
     "MAX_SPEC_DEPTH",
     "PROTOCOL_VERSION",
     "REASONS",
+    "TYPE_CODES",
     "Ack",
     "Birth",
     "Ctl",
@@ -67,7 +71,7 @@ __all__ = [
     "is_valid_id",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 #: Largest integer any field may hold (msgpack int64).
 MAX_INT: Final = 2**63 - 1
 #: State hashes are xxh3-128 digests.
@@ -501,10 +505,52 @@ Message: TypeAlias = (
     Status | Heartbeat | Birth | Snap | Query | Done | Release | Sync | Ack | Nack | Need | Ctl
 )
 
-_TYPES: Final[dict[str, type[Any]]] = {
-    cls.TYPE: cls
-    for cls in (Status, Heartbeat, Birth, Snap, Query, Done, Release, Sync, Ack, Nack, Need, Ctl)
+_CLASSES: Final = (Status, Heartbeat, Birth, Snap, Query, Done, Release, Sync, Ack, Nack, Need, Ctl)
+_TYPES: Final[dict[str, type[Any]]] = {cls.TYPE: cls for cls in _CLASSES}
+
+#: The integer code of each message type on the wire (docs/protocol.md section 3).
+TYPE_CODES: Final[dict[str, int]] = {
+    "status": 1, "hb": 2, "birth": 3, "snap": 4, "query": 5, "done": 6, "release": 7,
+    "sync": 8, "ack": 9, "nack": 10, "need": 11, "ctl": 12,
+}  # fmt: skip
+#: A ``snap`` that is the whole payload (chunk 0 of 1): ``index``, ``count`` and ``size`` are
+#: left out (0, 1 and the data's length).
+SNAP_WHOLE_CODE: Final = 13
+_BY_CODE: Final[dict[int, type[Any]]] = {TYPE_CODES[cls.TYPE]: cls for cls in _CLASSES}
+#: Types that travel on a device's own topics (no job): status, hb.
+_DEVICE_WIDE: Final = frozenset({Status, Heartbeat})
+
+# Fields whose values are a fixed set of strings travel as their index in that set.
+_OWNER_CODES: Final = ("edge", "server")
+_REQUEST_CODES: Final = ("run", "handover", "stop")
+_REASON_CODES: Final = ("base", "corrupt", "hash", "fenced", "unknown", "too-large", "invalid")
+_ENUMS: Final[dict[tuple[type[Any], str], tuple[str, ...]]] = {
+    (Sync, "owner"): _OWNER_CODES,
+    (Ctl, "owner"): _OWNER_CODES,
+    (Ctl, "request"): _REQUEST_CODES,
+    (Nack, "reason"): _REASON_CODES,
 }
+
+
+def _wire_fields(cls: type[Any]) -> list[str]:
+    """The fields of ``cls`` that travel in the array, in order (not the device, nor the job:
+    the topic names them)."""
+    return [f.name for f in fields(cls) if f.name not in ("device", "job")]
+
+
+_WIRE_FIELDS: Final[dict[type[Any], list[str]]] = {cls: _wire_fields(cls) for cls in _CLASSES}
+_SNAP_WHOLE_FIELDS: Final = ["epoch", "seq", "base_seq", "step", "data"]
+
+
+def _ids(device: str, job: str | None) -> bytes:
+    """What the check covers besides the array: the topic's device and job."""
+    return f"{device}/{job or ''}\n".encode()
+
+
+def _check(device: str, job: str | None, body: bytes | memoryview) -> int:
+    h = xxhash.xxh32(_ids(device, job))
+    h.update(body)
+    return h.intdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,24 +558,37 @@ _TYPES: Final[dict[str, type[Any]]] = {
 
 
 def encode(msg: Message) -> bytes:
-    """The wire bytes of a message: the msgpack array, then its 4-byte check."""
-    values: list[Any] = [PROTOCOL_VERSION, msg.TYPE]
-    for f in fields(msg):
-        value = getattr(msg, f.name)
+    """The wire bytes of a message: the msgpack array, then its 4-byte check. A ``snap``
+    that carries a whole payload takes the short form (no index, count, size)."""
+    cls = type(msg)
+    names = _WIRE_FIELDS[cls]
+    code = TYPE_CODES[msg.TYPE]
+    if isinstance(msg, Snap) and msg.count == 1:
+        code, names = SNAP_WHOLE_CODE, _SNAP_WHOLE_FIELDS
+    values: list[Any] = [PROTOCOL_VERSION, code]
+    for name in names:
+        value = getattr(msg, name)
         if isinstance(value, Mapping):
             value = dict(value)
+        choices = _ENUMS.get((cls, name))
+        if choices is not None:
+            value = choices.index(value)
         values.append(value)
     body: bytes = msgpack.packb(values, use_bin_type=True)
-    return body + _CHECK.pack(xxhash.xxh32_intdigest(body))
+    job: str | None = getattr(msg, "job", None)
+    return body + _CHECK.pack(_check(msg.device, job, body))
 
 
-def _unpack(data: bytes | bytearray | memoryview) -> Any:
+def _unpack(data: bytes | bytearray | memoryview, device: str, job: str | None) -> Any:
     if len(data) < 1 + _CHECK.size:
         raise MalformedMessage(f"a message of {len(data)} bytes is shorter than any message")
     view = memoryview(data)
     body, check = view[: -_CHECK.size], view[-_CHECK.size :]
-    if xxhash.xxh32_intdigest(body) != _CHECK.unpack(check)[0]:
-        raise MalformedMessage("the message's check does not match its bytes (corrupted)")
+    if _check(device, job, body) != _CHECK.unpack(check)[0]:
+        raise MalformedMessage(
+            "the message's check does not match its bytes and topic (corrupted, or sent for "
+            "another device or job)"
+        )
     try:
         return msgpack.unpackb(
             body,
@@ -546,14 +605,16 @@ def _unpack(data: bytes | bytearray | memoryview) -> Any:
         raise MalformedMessage(f"the message is not valid msgpack: {exc}") from exc
 
 
-def decode(data: bytes | bytearray | memoryview) -> Message:
-    """Parse and validate wire bytes. Raises :class:`MalformedMessage` (bad check, not
-    msgpack, too few fields, a field of the wrong type or out of bounds) or
-    :class:`UnsupportedMessage` (unknown version or type); never anything else."""
-    raw = _unpack(data)
-    if type(raw) is not list or len(raw) < 3:
-        raise MalformedMessage("a message is an array [version, type, device, ...]")
-    version, kind, device = raw[0], raw[1], raw[2]
+def decode(data: bytes | bytearray | memoryview, device: str, job: str | None = None) -> Message:
+    """Parse and validate wire bytes received on the topic of ``device`` (and ``job``, for
+    a job's topics: None on a device-wide one). Raises :class:`MalformedMessage` (bad check,
+    not msgpack, too few fields, a field of the wrong type or out of bounds, a job's message
+    without a job) or :class:`UnsupportedMessage` (unknown version or type); never anything
+    else."""
+    raw = _unpack(data, device, job)
+    if type(raw) is not list or len(raw) < 2:
+        raise MalformedMessage("a message is an array [version, type, ...]")
+    version, code = raw[0], raw[1]
     if type(version) is not int:
         raise MalformedMessage(f"message version {version!r} is not an int")
     if version != PROTOCOL_VERSION:
@@ -561,17 +622,32 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
             f"message version {version} is not {PROTOCOL_VERSION}",
             hint="the peer runs another protocol version; upgrade the older side",
         )
-    if type(kind) is not str:
-        raise MalformedMessage(f"message type {kind!r} is not a str")
-    cls = _TYPES.get(kind)
+    if type(code) is not int:
+        raise MalformedMessage(f"message type {code!r} is not an int")
+    whole = code == SNAP_WHOLE_CODE
+    cls = Snap if whole else _BY_CODE.get(code)
     if cls is None:
-        raise UnsupportedMessage(f"unknown message type {kind[:40]!r}")
-    names = [f.name for f in fields(cls)][1:]
-    if len(raw) < 3 + len(names):
-        raise MalformedMessage(
-            f"a {kind} message has {len(names)} fields after the device, this one {len(raw) - 3}"
-        )
-    kwargs = dict(zip(names, raw[3 : 3 + len(names)], strict=True))  # extra fields ignored
+        raise UnsupportedMessage(f"unknown message type {code}")
+    names = _SNAP_WHOLE_FIELDS if whole else _WIRE_FIELDS[cls]
+    kind = cls.TYPE
+    if len(raw) < 2 + len(names):
+        raise MalformedMessage(f"a {kind} message has {len(names)} fields, this one {len(raw) - 2}")
+    kwargs: dict[str, Any] = dict(zip(names, raw[2 : 2 + len(names)], strict=True))
+    for name in names:  # extra fields are ignored
+        choices = _ENUMS.get((cls, name))
+        if choices is not None:
+            v = kwargs[name]
+            if type(v) is not int or not 0 <= v < len(choices):
+                raise MalformedMessage(f"{kind}.{name}: {v!r} is not a code 0..{len(choices) - 1}")
+            kwargs[name] = choices[v]
+    if cls not in _DEVICE_WIDE:
+        if job is None:
+            raise MalformedMessage(f"a {kind} message travels on a job's topic")
+        kwargs["job"] = job
+    if whole:
+        data_ = kwargs["data"]
+        n = len(data_) if type(data_) in (bytes, memoryview) else 1
+        kwargs.update(index=0, count=1, size=n)
     if cls is Heartbeat and type(kwargs["jobs"]) is dict:
         kwargs["jobs"] = {
             j: tuple(p[:2]) if type(p) is list else p for j, p in kwargs["jobs"].items()
@@ -582,4 +658,4 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         msg = cls(device, **kwargs)
     except LocalProtocolError as exc:  # the same field table validates both directions
         raise MalformedMessage(str(exc)) from None
-    return msg  # type: ignore[no-any-return]
+    return msg

@@ -18,7 +18,7 @@ This module owns topic names, subscriptions and the will. It never touches a soc
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from edge_agent.errors import InvalidTopic, LocalProtocolError, TopicMismatch
@@ -73,7 +73,9 @@ class TopicKind(enum.Enum):
 
     @property
     def qos(self) -> int:
-        return 0 if self is TopicKind.HB else 1
+        """QoS 0 where a lost message is recovered by the protocol (heartbeats; the server's
+        replies, which the agent's retries ask for again); QoS 1 elsewhere."""
+        return 0 if self in (TopicKind.HB, TopicKind.ACK) else 1
 
     @property
     def retained(self) -> bool:
@@ -154,7 +156,8 @@ class Outgoing:
 
     ``job``, ``seq`` and ``chunk`` tag snapshot chunks, so that a send queue can drop the
     queued chunks of a transfer the session abandoned (see ``TransferAbandoned``) or skip a
-    chunk already queued."""
+    chunk already queued. ``message`` is the message the payload encodes (for logs and
+    metrics; the payload alone does not name its device and job)."""
 
     topic: str
     payload: bytes
@@ -165,6 +168,7 @@ class Outgoing:
     job: str | None = None
     seq: int | None = None
     chunk: int | None = None
+    message: Message | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,8 +268,9 @@ class TopicNamespace:
         if isinstance(msg, Snap):
             seq, chunk = msg.seq, msg.index
         return Outgoing(
-            topic, encode(msg), kind.qos, kind.retained, priority, msg.TYPE, job, seq, chunk
-        )
+            topic, encode(msg), kind.qos, kind.retained, priority, msg.TYPE, job, seq, chunk,
+            msg,
+        )  # fmt: skip
 
     def will(self, device: str, session: str, ts: int) -> Will:
         """The agent's will: a retained STATUS(offline) on its status topic, QoS 1."""
@@ -279,9 +284,11 @@ def decode_incoming(
     """Turn a received MQTT message into an :class:`Incoming`, or raise a
     :class:`~edge_agent.errors.RemoteProtocolError`: :class:`InvalidTopic`, the decoder's
     :class:`MalformedMessage` / :class:`UnsupportedMessage`, or :class:`TopicMismatch` when
-    the message's device or job differs from the topic's, or its type does not travel there."""
+    the message's type does not travel there. The device and the job are the topic's: the
+    payload does not repeat them, and its check covers them, so a message published on another
+    device's or job's topic than it was made for fails its check."""
     t = namespace.parse(topic)
-    msg = decode(payload)
+    msg = decode(payload, t.device, t.job)
     if not isinstance(msg, ALLOWED[t.kind]):
         raise TopicMismatch(f"a {msg.TYPE} message may not travel on a {t.kind.value} topic")
     if msg.device != t.device:

@@ -298,7 +298,10 @@ class Demo:
             f'[job]\nid = "{o.job_id}"\nkind = "generate"\nmodel = "../models/{MODEL}"\n\n'
             f"[params]\nprompt = {_toml_str(PROMPT)}\nmax_new_tokens = {o.tokens}\n"
             "temperature = 0.8\ntop_k = 40\nseed = 7\n\n"
-            f"[snapshot]\nevery_steps = {every}\nevery_seconds = 2.0\n\n"
+            f"[snapshot]\nevery_steps = {every}\nevery_seconds = 2.0\n"
+            # a send on every due snapshot, to show the deltas flow (a real job keeps the
+            # default overhead budget, which would hold these small ones back: docs/agent.md)
+            "overhead_budget = 0\n\n"
             '[link]\nkv = "auto"\n\n'
             f"[runtime]\nmin_step_seconds = {o.step_seconds}\n"
         )

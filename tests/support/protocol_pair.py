@@ -217,13 +217,14 @@ class FakeLink:
                 data = bytes(buf)
                 self._count("corrupted")
             elif rng.random() < f.corrupt_data:
-                data = self._corrupt_data(data)
+                data = self._corrupt_data(topic, data)
             self._order += 1
             at = now + (rng.uniform(0, f.max_delay) if f.max_delay else 0.0)
             self._queue.append(_InTransit(at, self._order, to_agent, topic, data))
 
-    def _corrupt_data(self, data: bytes) -> bytes:
-        msg = decode(data)
+    def _corrupt_data(self, topic: str, data: bytes) -> bytes:
+        t = TopicNamespace().parse(topic)
+        msg = decode(data, t.device, t.job)
         if not isinstance(msg, Snap):
             return data
         buf = bytearray(msg.data)
@@ -261,7 +262,8 @@ class FakeLink:
         if not mine:
             return
         topic, payload = self.rng.choice(mine)
-        msg = decode(payload)
+        t = namespace.parse(topic)
+        msg = decode(payload, t.device, t.job)
         forged = encode(dataclasses.replace(msg, device="mallory"))
         if self.rng.random() < 0.5:
             topic = topic.replace(f"/{DEVICE}/", "/mallory/")

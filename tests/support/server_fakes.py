@@ -40,7 +40,10 @@ class Sent:
 
     @property
     def message(self) -> Message:
-        return decode(self.payload)
+        levels = self.topic.split("/")  # any prefix: {device}/[{job}/]{kind} end it
+        if levels[-1] in ("status", "hb"):
+            return decode(self.payload, levels[-2])
+        return decode(self.payload, levels[-3], levels[-2])
 
 
 class RecordingPublisher:
