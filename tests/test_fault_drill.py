@@ -25,7 +25,6 @@ def run(plan: Plan, tmp_path: Path, models: dict[str, Path]) -> Result:
     assert r.completed
     assert r.identical, r.identical_detail
     assert r.state_lost == 0, r.lost_detail
-    assert r.recovery_s is not None
     return r
 
 
@@ -45,6 +44,7 @@ def test_damaged_messages_and_a_broker_crash(tiny_models: dict[str, Path], tmp_p
     assert r.faults[0].detail.startswith("edge-resume/v1/gw-drill/drill-job/state")
     assert r.faults[1].detail.startswith("edge-resume/v1/gw-drill/drill-job/ack")
     assert r.where == "edge"  # no auto-resume, and nobody asked for one
+    assert r.recovery_s is not None  # the device made progress after the broker came back
 
 
 def test_server_crash_then_the_device_lost(tiny_models: dict[str, Path], tmp_path: Path) -> None:
@@ -62,6 +62,7 @@ def test_server_crash_then_the_device_lost(tiny_models: dict[str, Path], tmp_pat
     r = run(plan, tmp_path, tiny_models)
     assert [f.kind for f in r.faults] == ["kill-server", "kill-agent"]
     assert r.where == "server"
+    assert r.recovery_s is not None  # the server's first resumed step
 
 
 def test_link_cut_then_black_holed(tiny_models: dict[str, Path], tmp_path: Path) -> None:
@@ -79,3 +80,4 @@ def test_link_cut_then_black_holed(tiny_models: dict[str, Path], tmp_path: Path)
     r = run(plan, tmp_path, tiny_models)
     assert [f.kind for f in r.faults] == ["duplicate", "link-drop", "link-block"]
     assert r.where in ("edge", "server")
+    # (no recovery time when the server finished the job while the link was still black)
