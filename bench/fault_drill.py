@@ -38,10 +38,11 @@ started again at the end and must stand down) and checks:
   seq with the same hash when it still keeps it; every resume on the server started at or
   above every step the device was told is acknowledged; the acknowledged step never went
   backwards (in the agent's log, or in the API polled every 0.2 s during the scenario);
-* **recovery**: from the end of the last fault (a killed process running again, the link
+* **recovery**: from the end of the last fault (a killed process started again, the link
   restored, the damaged message delivered; for an agent left dead, the kill) to the job's
   next progress: the next snapshot acknowledged to the agent, the server's first resumed
-  step, a step stored by the server's run, or the completion.
+  step, a step stored by the server's run, or the completion. None (``-``) when the job
+  completed before the last fault ended (the server finished it while the link was down).
 
 A table row per scenario and a summary row follow. A failed scenario keeps its folder (every
 process's log) and names it. The exit status is 0 only if every scenario completed with
@@ -262,12 +263,15 @@ class Monitor:
             prev = s
         return out
 
-    def progress_after(self, t: float) -> float | None:
-        """When the API first showed more steps than at ``t``."""
+    def server_progress_after(self, t: float) -> float | None:
+        """When the API first showed the server's own run (owner ``server``) further than
+        at ``t``. (A step the device sent is not counted here: a snapshot in flight when
+        the device died may still be committed after its death; the device's progress is
+        its ``acked`` events.)"""
         before = [s.step for s in self.samples if s.at <= t]
         base = before[-1] if before else None
         for s in self.samples:
-            if s.at > t and base is not None and s.step > base:
+            if s.at > t and base is not None and s.step > base and s.owner == "server":
                 return s.at
         return None
 
@@ -557,7 +561,7 @@ class Scenario:
         times = [event_time(e) for e in self.agent.events("acked") if e.get("job") == JOB_ID]
         times += [float(h["at"]) for h in doc["history"]
                   if h["status"] in ("server-running", "completed")]  # fmt: skip
-        if (t := self.monitor.progress_after(end)) is not None:
+        if (t := self.monitor.server_progress_after(end)) is not None:
             times.append(t)
         after = [t for t in times if t >= end]
         return round(min(after) - end, 3) if after else None
