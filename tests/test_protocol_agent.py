@@ -374,6 +374,34 @@ def test_birth_is_retried_with_back_off() -> None:
     assert times == [5.0, 15.0, 35.0, 75.0]
 
 
+@pytest.mark.parametrize("reply", ["ack", "nack"])
+def test_a_reply_to_the_transfer_while_syncing_keeps_the_birth_retried(reply: str) -> None:
+    """Found by the fault drill (a broker SIGKILLed before it saved its sessions): after a
+    reconnect, the BIRTH is lost (the server's subscriptions are not back yet), and then
+    the server answers the snapshot that was in flight when the link went (paho resent it
+    on reconnect). The ack (or nack) is settled, but the session still waits for a SYNC:
+    the BIRTH must still be retried, else the job never offers a snapshot again."""
+    s = synced()
+    acked(s, s.offer(state(5), 5, 0.0))
+    o = offered(s.offer(state(6), 6, 1.0))
+    s.disconnected(2.0)
+    assert isinstance(msgs(s.connected(3.0))[0], Birth)  # lost on its way
+    if reply == "ack":
+        items = s.receive(to_agent(Ack(D, J, 1, o.seq, o.state_hash)), 4.0)
+        assert [type(e) for e in events(items)] == [Acked] and s.acked_seq == o.seq
+    else:
+        items = s.receive(to_agent(Nack(D, J, 1, o.seq, "corrupt", None, None)), 4.0)
+        assert TransferAbandoned in [type(e) for e in events(items)]
+    assert s.phase is Phase.SYNCING and not s.can_offer
+    t = s.next_deadline
+    assert t is not None and t <= 3.0 + CONFIG.timeout_floor  # the birth's own deadline
+    (birth,) = msgs(s.tick(t))
+    assert isinstance(birth, Birth)
+    assert birth.acked_seq == s.acked_seq
+    s.receive(to_agent(Sync(D, J, 1, "edge", s.acked_seq, s.acked_hash)), t + 0.5)
+    assert s.phase is Phase.READY and s.can_offer
+
+
 def test_restore_from_the_journal() -> None:
     s = synced()
     ack = acked(s, s.offer(state(5), 5, 0.0))[0]

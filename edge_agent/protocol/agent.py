@@ -516,17 +516,25 @@ class AgentJobSession:
             TopicKind.ACK, TopicKind.CTL,
         ):  # fmt: skip
             return [Ignored(msg, f"not for this job's ack/ctl topics: {t}")]
+        birth_deadline = self._deadline if self._phase is Phase.SYNCING else None
         if isinstance(msg, Ctl):
-            return self._on_ctl(msg, now)
-        if isinstance(msg, Sync):
-            return self._on_sync(msg, now)
-        if isinstance(msg, Ack):
-            return self._on_ack(msg, now)
-        if isinstance(msg, Nack):
-            return self._on_nack(msg, now)
-        if isinstance(msg, Need):
-            return self._on_need(msg, now)
-        return [Ignored(msg, f"an agent does not take {msg.TYPE} messages")]
+            items = self._on_ctl(msg, now)
+        elif isinstance(msg, Sync):
+            items = self._on_sync(msg, now)
+        elif isinstance(msg, Ack):
+            items = self._on_ack(msg, now)
+        elif isinstance(msg, Nack):
+            items = self._on_nack(msg, now)
+        elif isinstance(msg, Need):
+            items = self._on_need(msg, now)
+        else:
+            items = [Ignored(msg, f"an agent does not take {msg.TYPE} messages")]
+        if self._phase is Phase.SYNCING and self._deadline is None:
+            # Still waiting for the SYNC: an ack or nack of the transfer in flight settled
+            # that transfer (and cleared its timer), not the BIRTH, which may have been lost
+            # (sent before the server's subscriptions were back): keep retrying it.
+            self._deadline = birth_deadline if birth_deadline is not None else now
+        return items
 
     def tick(self, now: float) -> list[AgentItem]:
         """Time passed: retries whatever waited past its deadline (BIRTH, QUERY, DONE/RELEASE)."""

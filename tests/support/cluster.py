@@ -66,7 +66,7 @@ from edge_agent.jobs import Job, JobSpec, create_job
 from edge_agent.journal import Journal
 from tests.support.agent_proc import AgentProcess, write_job
 from tests.support.broker import Broker, free_port
-from tests.support.mqtt_proxy import MqttProxy
+from tests.support.mqtt_proxy import Injection, MqttProxy
 
 __all__ = [
     "PROMPT",
@@ -216,7 +216,10 @@ class ServerProcess:
         env["OMP_NUM_THREADS"] = "1"
         return env
 
-    def start(self, timeout: float = 60.0) -> ServerProcess:
+    def start(self, timeout: float = 60.0, *, wait: bool = True) -> ServerProcess:
+        """Start the process; with ``wait`` (the default) return once it is ready (the API
+        answers, the ingest and the worker are connected to the broker); else at once
+        (:meth:`wait_ready` later)."""
         assert not self.alive, "the server is already running"
         self.write_config()
         self.runs += 1
@@ -230,9 +233,13 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 cmd, env=self.env(), cwd=self.workdir, stdout=fh, stderr=fh
             )
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
         wait_until(self._ready, timeout, f"the server (run {self.runs}) to be ready",
                    check=self.check_alive, interval=0.05, report=self.log_tail)  # fmt: skip
-        return self
 
     def _ready(self) -> bool:
         try:
@@ -312,7 +319,8 @@ class ServerProcess:
 class AgentNode(AgentProcess):
     """An ``edge-agent run`` process (:class:`AgentProcess`) whose broker URL is its own TCP
     proxy: the link can be dropped, blocked and restored while the process runs, and the
-    process killed and started again behind the same proxy."""
+    process killed and started again behind the same proxy. With ``packets=True`` the proxy
+    forwards whole MQTT packets, so messages can be damaged in flight (:meth:`inject`)."""
 
     def __init__(
         self,
@@ -322,8 +330,9 @@ class AgentNode(AgentProcess):
         *,
         device: str,
         extra: list[str] | None = None,
+        packets: bool = False,
     ) -> None:
-        self.proxy = MqttProxy(broker_port).start()
+        self.proxy = MqttProxy(broker_port, packets=packets).start()
         super().__init__(
             workdir, jobs, f"mqtt://127.0.0.1:{self.proxy.port}", device=device, extra=extra
         )
@@ -346,6 +355,12 @@ class AgentNode(AgentProcess):
     def restore_link(self) -> None:
         self.proxy.release()
         self.proxy.unblock()
+
+    def inject(self, action: str, direction: str, topic_suffix: str, *, seed: int = 0) -> Injection:
+        """Corrupt or duplicate the next PUBLISH on the agent's link going ``direction``
+        (``up`` from the agent, ``down`` to it) whose topic ends with ``topic_suffix``
+        (``/state``, ``/ack``, ``/ctl``, ``/hb``): :meth:`MqttProxy.inject`."""
+        return self.proxy.inject(action, direction, topic_suffix, seed=seed)
 
     # -- what it wrote -----------------------------------------------------------------------
 
@@ -598,13 +613,20 @@ class Cluster:
             self.api.close()
 
     def add_agent(
-        self, device: str, jobs: list[Path], *, extra: list[str] | None = None
+        self,
+        device: str,
+        jobs: list[Path],
+        *,
+        extra: list[str] | None = None,
+        packets: bool = False,
     ) -> AgentNode:
-        """An agent (not started yet: call ``.start()``) for ``device`` running ``jobs``."""
+        """An agent (not started yet: call ``.start()``) for ``device`` running ``jobs``;
+        ``packets``: its proxy forwards whole MQTT packets (needed for ``agent.inject``)."""
         assert device not in self.agents, f"agent {device} exists"
         node = AgentNode(
-            self.workdir / f"agent-{device}", jobs, self.broker.port, device=device, extra=extra
-        )
+            self.workdir / f"agent-{device}", jobs, self.broker.port, device=device,
+            extra=extra, packets=packets,
+        )  # fmt: skip
         self.agents[device] = node
         return node
 

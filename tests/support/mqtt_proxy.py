@@ -14,13 +14,22 @@
   Mosquitto 2.0's ACL files never send (they grant and then filter).
 * ``bytes_up`` / ``bytes_down`` count the TCP payload bytes forwarded client to broker and
   broker to client (the link benchmark's bytes on the wire).
+* ``packets=True`` forwards whole MQTT packets (instead of whatever ``recv`` returns), which
+  lets a test damage traffic in flight: ``inject("corrupt" | "duplicate", "up" | "down",
+  topic_suffix)`` arms a one-shot fault on the next PUBLISH whose topic ends so: ``corrupt``
+  flips bytes of its payload (topic, packet id and framing stay valid, so the broker
+  delivers it), ``duplicate`` forwards it twice (the copy with the DUP flag for QoS > 0).
+  The returned :class:`Injection` says when it landed and on which topic.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import threading
+import time
+from dataclasses import dataclass, field
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -63,11 +72,124 @@ def connect_protocol_level(packet: bytes) -> int:
     return packet[i + 2 + name_len]
 
 
+def _varint_at(buf: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+
+#: MQTT 5 PUBLISH properties by identifier: how to skip their value
+_PROP_FIXED = {0x01: 1, 0x02: 4, 0x23: 2}
+_PROP_BINARY = {0x03, 0x08, 0x09}  # two-byte length, then the bytes
+_PROP_PAIR = {0x26}  # two strings
+_PROP_VARINT = {0x0B}
+
+
+def parse_publish(packet: bytes, level: int) -> tuple[str, int | None, int]:
+    """(topic as sent, its MQTT 5 topic alias or None, offset of the payload) of a
+    PUBLISH packet at protocol ``level``. An alias-only PUBLISH has the topic ``""``."""
+    _, i = _varint_at(packet, 1)
+    tlen = int.from_bytes(packet[i : i + 2], "big")
+    topic = packet[i + 2 : i + 2 + tlen].decode("utf-8", errors="replace")
+    i += 2 + tlen
+    if (packet[0] >> 1) & 3:  # QoS > 0: a packet id
+        i += 2
+    alias = None
+    if level == 5:
+        plen, i = _varint_at(packet, i)
+        end = i + plen
+        while i < end:
+            pid = packet[i]
+            i += 1
+            if pid == 0x23:
+                alias = int.from_bytes(packet[i : i + 2], "big")
+            if pid in _PROP_FIXED:
+                i += _PROP_FIXED[pid]
+            elif pid in _PROP_BINARY:
+                i += 2 + int.from_bytes(packet[i : i + 2], "big")
+            elif pid in _PROP_PAIR:
+                for _ in range(2):
+                    i += 2 + int.from_bytes(packet[i : i + 2], "big")
+            elif pid in _PROP_VARINT:
+                _, i = _varint_at(packet, i)
+            else:  # unknown: the rest of the properties cannot be read
+                i = end
+        i = end
+    return topic, alias, i
+
+
+class TopicAliases:
+    """One direction of one connection: MQTT 5 topic aliases seen so far."""
+
+    def __init__(self) -> None:
+        self.topics: dict[int, str] = {}
+
+    def resolve(self, packet: bytes, level: int) -> tuple[str, int]:
+        """(the topic of a PUBLISH, aliases resolved; the payload's offset)."""
+        topic, alias, off = parse_publish(packet, level)
+        if alias is not None:
+            if topic:
+                self.topics[alias] = topic
+            else:
+                topic = self.topics.get(alias, "")
+        return topic, off
+
+
+@dataclass
+class Injection:
+    """A one-shot fault armed on a proxy (:meth:`MqttProxy.inject`)."""
+
+    action: str  # "corrupt" or "duplicate"
+    direction: str  # "up" (client to broker) or "down"
+    topic_suffix: str
+    seed: int = 0
+    landed: bool = False
+    at: float | None = None  # time.time() when it was applied
+    topic: str | None = None
+    size: int = 0  # the payload's size
+    flipped: list[int] = field(default_factory=list)  # payload offsets corrupted
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def apply(self, packet: bytes, topic: str, off: int) -> list[bytes] | None:
+        """The packets to forward instead of the PUBLISH ``packet`` (``topic`` resolved, its
+        payload at ``off``), or None when it does not match."""
+        if not topic.endswith(self.topic_suffix) or off >= len(packet):
+            return None
+        self.topic, self.size = topic, len(packet) - off
+        if self.action == "duplicate":
+            copy = bytes([packet[0] | 0x08]) + packet[1:] if (packet[0] >> 1) & 3 else packet
+            out = [packet, copy]
+        else:
+            rng = random.Random(self.seed)
+            data = bytearray(packet)
+            for _ in range(rng.randint(1, 4)):
+                pos = rng.randrange(off, len(data))
+                data[pos] ^= rng.randint(1, 255)
+                self.flipped.append(pos - off)
+            out = [bytes(data)]
+        self.at = time.time()
+        self.landed = True
+        self.done.set()
+        return out
+
+
 class MqttProxy:
     def __init__(
-        self, upstream_port: int, *, refuse_v5: bool = False, refuse_subscribe: bool = False
+        self,
+        upstream_port: int,
+        *,
+        refuse_v5: bool = False,
+        refuse_subscribe: bool = False,
+        packets: bool = False,
     ) -> None:
         self.upstream_port = upstream_port
+        self.packets = packets
+        self._armed: list[Injection] = []
         self.refuse_v5 = refuse_v5
         self.refuse_subscribe = refuse_subscribe
         self.refused_v5 = 0
@@ -102,6 +224,39 @@ class MqttProxy:
 
     def unblock(self) -> None:
         self._flowing.set()
+
+    def inject(self, action: str, direction: str, topic_suffix: str, *, seed: int = 0) -> Injection:
+        """Arm a one-shot ``corrupt`` or ``duplicate`` of the next PUBLISH going ``direction``
+        (``up``: client to broker, ``down``) whose topic ends with ``topic_suffix``. Needs
+        ``packets=True``."""
+        if not self.packets:
+            raise RuntimeError("inject() needs MqttProxy(..., packets=True)")
+        if action not in ("corrupt", "duplicate") or direction not in ("up", "down"):
+            raise ValueError(f"cannot {action} {direction}")
+        inj = Injection(action, direction, topic_suffix, seed=seed)
+        with self._lock:
+            self._armed.append(inj)
+        return inj
+
+    def disarm(self, inj: Injection) -> None:
+        with self._lock:
+            if inj in self._armed:
+                self._armed.remove(inj)
+
+    def _injected(
+        self, packet: bytes, direction: str, level: int, aliases: TopicAliases
+    ) -> list[bytes]:
+        if packet[0] >> 4 != 3:  # not a PUBLISH
+            return [packet]
+        topic, off = aliases.resolve(packet, level)
+        with self._lock:
+            for inj in self._armed:
+                if inj.direction == direction:
+                    out = inj.apply(packet, topic, off)
+                    if out is not None:
+                        self._armed.remove(inj)
+                        return out
+        return [packet]
 
     @property
     def blocked(self) -> bool:
@@ -179,11 +334,40 @@ class MqttProxy:
         upstream.sendall(connect)
         if self.refuse_subscribe:
             down = threading.Thread(target=self._pipe_refusing, args=(upstream, client, level))
+        elif self.packets:
+            down = threading.Thread(
+                target=self._pipe_packets, args=(upstream, client, "down", level)
+            )
         else:
             down = threading.Thread(target=self._pipe, args=(upstream, client, "bytes_down"))
         down.daemon = True
         down.start()
-        self._pipe(client, upstream, "bytes_up")
+        if self.packets:
+            self._pipe_packets(client, upstream, "up", level)
+        else:
+            self._pipe(client, upstream, "bytes_up")
+
+    def _pipe_packets(
+        self, src: socket.socket, dst: socket.socket, direction: str, level: int
+    ) -> None:
+        """Packet by packet, through the armed injections."""
+        counter = "bytes_up" if direction == "up" else "bytes_down"
+        aliases = TopicAliases()
+        try:
+            while True:
+                packet = _read_packet(src)
+                if packet is None:
+                    break
+                if not self._wait_flowing(src, dst):
+                    break
+                for out in self._injected(packet, direction, level, aliases):
+                    dst.sendall(out)
+                with self._lock:
+                    setattr(self, counter, getattr(self, counter) + len(packet))
+        except OSError:
+            pass
+        finally:
+            self._close_pair(src, dst)
 
     def _pipe_refusing(self, src: socket.socket, dst: socket.socket, level: int) -> None:
         """Broker to client, packet by packet, with every SUBACK turned into a refusal."""
