@@ -413,7 +413,7 @@ def _avg(r: Result, key: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated kv policies")
-    ap.add_argument("--tokens", type=int, default=3000, help="tokens to generate (default 3000)")
+    ap.add_argument("--tokens", type=int, default=4000, help="tokens to generate (default 4000)")
     ap.add_argument("--pace", type=float, default=0.05, help="seconds per token (default 0.05)")
     ap.add_argument("--every-seconds", type=float, default=2.0, help="snapshot interval")
     ap.add_argument(

@@ -70,11 +70,11 @@ def test_link_cut_then_black_holed(tiny_models: dict[str, Path], tmp_path: Path)
     the heartbeat timeout and the auto-resume delay (the server may take the job over
     while the device computes on; either way one of them finishes it, identically)."""
     plan = Plan(
-        seed=303, job="batch", auto_resume_s=1.0, first_at=0.1,
+        seed=303, job="batch", auto_resume_s=2.5, first_at=0.1,
         faults=(
             FaultSpec("duplicate", 0.0, direction="up"),
-            FaultSpec("link-drop", 0.3, span=1.0),
-            FaultSpec("link-block", 0.5, span=4.5),
+            FaultSpec("link-drop", 0.3, span=1.0),  # shorter than the auto-resume delay
+            FaultSpec("link-block", 0.5, span=6.0),
         ),
     )  # fmt: skip
     r = run(plan, tmp_path, tiny_models)
