@@ -62,22 +62,11 @@ from edge_agent.protocol import Ack, Snap, TopicNamespace, decode_incoming  # no
 from tests.support.agent_proc import AgentProcess, write_job  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
 from tests.support.mini_server import MiniServer, wait_for  # noqa: E402
-from tests.support.mqtt_proxy import MqttProxy  # noqa: E402
+from tests.support.mqtt_proxy import MqttProxy, read_varint  # noqa: E402
 
 POLICIES = ("send", "recompute", "auto")
 _PACKET = {1: "CONNECT", 2: "CONNACK", 3: "PUBLISH", 4: "PUBACK", 8: "SUBSCRIBE", 9: "SUBACK",
            12: "PINGREQ", 13: "PINGRESP", 14: "DISCONNECT"}  # fmt: skip
-
-
-def _varint(buf: bytes | bytearray, i: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, i
 
 
 @dataclass
@@ -101,19 +90,19 @@ class WireAccount:
     def packet(self, direction: str, pkt: bytes) -> None:
         kind = _PACKET.get(pkt[0] >> 4, f"type{pkt[0] >> 4}")
         if kind == "CONNECT":
-            _, i = _varint(pkt, 1)
+            _, i = read_varint(pkt, 1)
             nlen = int.from_bytes(pkt[i : i + 2], "big")
             self.v5 = pkt[i + 2 + nlen] == 5  # the protocol level
         if kind != "PUBLISH":
             self.add(f"{direction} {kind}", len(pkt))
             return
         qos = (pkt[0] >> 1) & 3
-        _, i = _varint(pkt, 1)
+        _, i = read_varint(pkt, 1)
         tlen = int.from_bytes(pkt[i : i + 2], "big")
         topic = pkt[i + 2 : i + 2 + tlen].decode("utf-8", "replace")
         i += 2 + tlen + (2 if qos else 0)
         if self.v5:
-            plen, i = _varint(pkt, i)
+            plen, i = read_varint(pkt, i)
             props, i = pkt[i : i + plen], i + plen
             alias = _topic_alias(props)
             if alias is not None:
@@ -159,7 +148,7 @@ def _topic_alias(props: bytes) -> int | None:
         elif ident in (0x02,):  # four-byte int
             j += 4
         elif ident in (0x0B,):  # varint
-            _, j = _varint(props, j)
+            _, j = read_varint(props, j)
         elif ident in (0x03, 0x08, 0x09):  # utf-8 string / binary data
             j += 2 + int.from_bytes(props[j : j + 2], "big")
         elif ident == 0x26:  # user property: a string pair
@@ -192,7 +181,7 @@ class CountingProxy(MqttProxy):
                     buf += data
                     while len(buf) >= 2:
                         try:
-                            rem, i = _varint(buf, 1)
+                            rem, i = read_varint(buf, 1)
                         except IndexError:
                             break
                         if len(buf) < i + rem:

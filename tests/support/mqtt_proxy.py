@@ -72,7 +72,8 @@ def connect_protocol_level(packet: bytes) -> int:
     return packet[i + 2 + name_len]
 
 
-def _varint_at(buf: bytes, i: int) -> tuple[int, int]:
+def read_varint(buf: bytes | bytearray, i: int) -> tuple[int, int]:
+    """An MQTT variable byte integer at ``buf[i]``: (value, the index after it)."""
     value, shift = 0, 0
     while True:
         b = buf[i]
@@ -93,7 +94,7 @@ _PROP_VARINT = {0x0B}
 def parse_publish(packet: bytes, level: int) -> tuple[str, int | None, int]:
     """(topic as sent, its MQTT 5 topic alias or None, offset of the payload) of a
     PUBLISH packet at protocol ``level``. An alias-only PUBLISH has the topic ``""``."""
-    _, i = _varint_at(packet, 1)
+    _, i = read_varint(packet, 1)
     tlen = int.from_bytes(packet[i : i + 2], "big")
     topic = packet[i + 2 : i + 2 + tlen].decode("utf-8", errors="replace")
     i += 2 + tlen
@@ -101,7 +102,7 @@ def parse_publish(packet: bytes, level: int) -> tuple[str, int | None, int]:
         i += 2
     alias = None
     if level == 5:
-        plen, i = _varint_at(packet, i)
+        plen, i = read_varint(packet, i)
         end = i + plen
         while i < end:
             pid = packet[i]
@@ -116,7 +117,7 @@ def parse_publish(packet: bytes, level: int) -> tuple[str, int | None, int]:
                 for _ in range(2):
                     i += 2 + int.from_bytes(packet[i : i + 2], "big")
             elif pid in _PROP_VARINT:
-                _, i = _varint_at(packet, i)
+                _, i = read_varint(packet, i)
             else:  # unknown: the rest of the properties cannot be read
                 i = end
         i = end
@@ -379,19 +380,10 @@ class MqttProxy:
                 if not self._wait_flowing(src, dst):
                     break
                 if packet[0] >> 4 == 9:  # SUBACK
-                    i = 1
-                    while packet[i] & 0x80:
-                        i += 1
-                    i += 1 + 2  # remaining length, packet id
+                    _, i = read_varint(packet, 1)  # remaining length
+                    i += 2  # packet id
                     if level == 5:
-                        plen, shift = 0, 0
-                        while True:
-                            b = packet[i]
-                            i += 1
-                            plen |= (b & 0x7F) << shift
-                            shift += 7
-                            if not b & 0x80:
-                                break
+                        plen, i = read_varint(packet, i)
                         i += plen
                     code = 0x87 if level == 5 else 0x80
                     packet = packet[:i] + bytes([code]) * (len(packet) - i)
