@@ -689,14 +689,20 @@ class Cluster:
         every_seconds: float = 0.5,
         temperature: float = 0.8,
         seed: int = 11,
+        overhead_budget: float | None = 0.0,
     ) -> Path:
         """A ``generate`` job on the tiny decoder (sampled, top-k 40), paced by
-        ``[runtime] min_step_seconds``."""
+        ``[runtime] min_step_seconds``. ``overhead_budget`` is 0 (off) by default, so that
+        snapshots keep their schedule (the scenarios cut at an acknowledged step and need
+        the server's copy close behind the job); None leaves the job file's default."""
+        snapshot: dict[str, float] = {"every_steps": every_steps, "every_seconds": every_seconds}
+        if overhead_budget is not None:
+            snapshot["overhead_budget"] = overhead_budget
         return write_job(
             self.jobs_dir, job_id, "generate", self.models["tiny-decoder.onnx"],
             params={"prompt": PROMPT, "max_new_tokens": tokens, "temperature": temperature,
                     "top_k": 40, "seed": seed},
-            snapshot={"every_steps": every_steps, "every_seconds": every_seconds},
+            snapshot=snapshot,
             link={"kv": kv},
             runtime={"min_step_seconds": pace},
         )  # fmt: skip
