@@ -705,12 +705,16 @@ def test_mutual_tls_refuses_a_certificate_from_another_ca(
 # make-certs.sh
 
 
-@pytest.mark.parametrize(
-    "device",
-    ["gw/1", "gw+1", "gw#1", "gw 1", "+", "#", "", "-gw", "gw-1\n", "ca", "server", "g" * 65],
-)
+#: Device ids both scripts refuse: they would change the ACL's topics (``/``, ``+``, ``#``,
+#: spaces), are not ids at all, or would take one of the server's MQTT client ids
+#: (``edge-server``, ``edge-server-control``, ...) through use_username_as_clientid.
+BAD_IDS = ["gw/1", "gw+1", "gw#1", "gw 1", "+", "#", "", "-gw", "gw-1\n", "g" * 65,
+           "edge-server-control", "edge-server-ingest-2", "edge-serverX"]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", [*BAD_IDS, "ca", "server", "edge-server"])
 def test_make_certs_refuses_a_device_id_that_is_not_topic_safe(tmp_path: Path, device: str) -> None:
-    """A device id that would change the ACL's topics (``/``, ``+``, ``#``, spaces), or
+    """A device id that would change the ACL's topics, take a server client id, or
     overwrite the CA's or the broker's files, is refused before anything is written, even
     after a valid one."""
     out = tmp_path / "pki"
@@ -733,8 +737,29 @@ def test_make_certs_accepts_every_valid_device_id(install: DeployInstall) -> Non
         assert subject.strip() == f"subject=CN={dev}"
 
 
-def test_add_user_refuses_the_same_device_ids() -> None:
-    """add-user.sh and make-certs.sh agree on what a device id is (the same pattern)."""
-    pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-    assert pattern in (MOSQUITTO / "add-user.sh").read_text()
-    assert pattern in (MOSQUITTO.parent / "tls" / "make-certs.sh").read_text()
+def _add_user(passwd: Path, user: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(MOSQUITTO / "add-user.sh"), str(passwd), user, "pw-0123456789"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("device", BAD_IDS)
+def test_add_user_refuses_the_same_device_ids(tmp_path: Path, device: str) -> None:
+    """add-user.sh refuses what make-certs.sh refuses, before it writes the password file."""
+    passwd = tmp_path / "passwd"
+    done = _add_user(passwd, device)
+    assert done.returncode == 2, done
+    assert "is not a valid device id" in done.stderr
+    assert not passwd.exists()
+
+
+def test_add_user_accepts_the_servers_account_and_valid_ids(tmp_path: Path) -> None:
+    """The control: "edge-server" (the server's own account) and ids at the edges of the
+    pattern are written to the password file."""
+    passwd = tmp_path / "passwd"
+    for user in ("edge-server", "gw-a", *ODD_IDS):
+        done = _add_user(passwd, user)
+        assert done.returncode == 0, done
+    users = [line.split(":", 1)[0] for line in passwd.read_text().splitlines()]
+    assert users == ["edge-server", "gw-a", *ODD_IDS]

@@ -5,17 +5,19 @@
 # 127.0.0.1) and OUTDIR/<device>.{crt,key} for each DEVICE_ID (CN = device id, for
 # Mosquitto's use_identity_as_username). For production, use your own PKI.
 # A DEVICE_ID is what add-user.sh takes: letters, digits, '_', '.', '-' (at most 64, not
-# starting with '_', '.' or '-'), and not "ca" or "server" (those files are the CA's and the
-# broker's). Anything else (a '/', '+', '#' or a space would change the ACL's topics) is
+# starting with '_', '.' or '-'), not "ca" or "server" (those files are the CA's and the
+# broker's), and not starting with "edge-server" (with use_username_as_clientid such a device
+# would take one of the server's MQTT client ids and disconnect it). Anything else (a '/', '+', '#' or a space would change the ACL's topics) is
 # refused before anything is written.
 set -euo pipefail
 out="${1:?usage: make-certs.sh OUTDIR [BROKER_HOSTNAME] [DEVICE_ID ...]}"
 host="${2:-localhost}"
 shift $(( $# >= 2 ? 2 : 1 ))
 for dev in "$@"; do
-    if ! [[ "$dev" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ ]] || [ "$dev" = ca ] || [ "$dev" = server ]; then
+    if ! [[ "$dev" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ ]] || [ "$dev" = ca ] || [ "$dev" = server ] \
+        || [[ "$dev" == edge-server* ]]; then
         echo "make-certs.sh: '$dev' is not a valid device id (letters, digits, '_', '.', '-';" \
-            "at most 64; not 'ca' or 'server')" >&2
+            "at most 64; not 'ca' or 'server'; not starting with 'edge-server')" >&2
         exit 2
     fi
 done
