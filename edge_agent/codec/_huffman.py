@@ -104,8 +104,9 @@ def _canonical(
     lengths: npt.NDArray[np.uint8],
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Symbols in canonical order (by length, then value) and each symbol's code."""
-    present = np.flatnonzero(lengths).astype(np.int64)
-    order = present[np.lexsort((present, lengths[present]))]
+    key = lengths.astype(np.int64) << 8
+    key |= np.arange(256, dtype=np.int64)
+    order = np.sort(key)[256 - np.count_nonzero(lengths) :] & 255  # absent symbols sort first
     span = np.left_shift(1, MAX_BITS - lengths[order].astype(np.int64))
     start = np.concatenate(([0], np.cumsum(span)[:-1]))
     codes = np.zeros(256, np.int64)
