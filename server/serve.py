@@ -24,6 +24,7 @@ This module owns wiring and lifecycle. It holds no protocol, storage or HTTP log
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -65,6 +66,13 @@ def load_worker_factory() -> Callable[[WorkerContext], WorkerRole]:
     factory = getattr(module, WORKER_FACTORY, None)
     if not callable(factory):
         raise ConfigError(f"{WORKER_MODULE} has no {WORKER_FACTORY}(ctx) function")
+    # the worker imports torch on first use (seconds): check now that it is there at all
+    for needed in getattr(module, "LAZY_IMPORTS", ()):
+        if importlib.util.find_spec(needed) is None:
+            raise ConfigError(
+                f"the worker role cannot start: {WORKER_MODULE} needs {needed!r}",
+                hint='install the server extra: pip install "edge-resume[server]"',
+            )
     return factory  # type: ignore[no-any-return]
 
 

@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from edge_agent import codec
 from edge_agent.errors import (
@@ -67,10 +67,18 @@ from edge_agent.jobs import Job, JobSpec, create_job
 from edge_agent.state import state_nbytes
 from server import metrics
 from server.control import JobControl, ResumeStatus
-from server.replay import ReplayResult, default_device, replay_job
 from server.store import JobRecord, Store
 
-__all__ = ["PHASES", "ResumePolicy", "ResumeWorker", "create_worker"]
+if TYPE_CHECKING:  # torch is imported on first use (see ResumeWorker.device)
+    import torch
+
+    from server.replay import ReplayResult
+
+__all__ = ["LAZY_IMPORTS", "PHASES", "ResumePolicy", "ResumeWorker", "create_worker"]
+
+#: what the worker imports on first use, not at start (``edge-server serve`` checks that
+#: they are installed before it starts the role)
+LAZY_IMPORTS = ("torch",)
 
 log = logging.getLogger("edge_resume.worker")
 
@@ -213,7 +221,7 @@ def _file_name(path: str) -> str:
     return re.split(r"[\\/]", path)[-1]
 
 
-def _default_providers(device: Any) -> list[str] | None:
+def _default_providers() -> list[str] | None:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -254,16 +262,15 @@ class ResumeWorker:
     ) -> None:
         if workers < 1:
             raise ResumeError("a worker needs at least one thread")
-        if torch_threads is not None:  # process-wide: torch has one CPU thread pool
-            import torch
-
-            torch.set_num_threads(torch_threads)
         self.store = store
         self.control = control
         self.models_dir = Path(models_dir)
         self.data_dir = Path(data_dir) if data_dir is not None else self.models_dir
-        self.device = default_device(torch_device)
-        self.providers = providers if providers is not None else _default_providers(self.device)
+        self._torch_device = torch_device
+        self._torch_threads = torch_threads
+        self._device: torch.device | None = None
+        self._device_lock = threading.Lock()
+        self.providers = providers if providers is not None else _default_providers()
         self.policy = policy or ResumePolicy()
         self.clock = clock
         self.rng = rng or random.Random()
@@ -273,6 +280,22 @@ class ResumeWorker:
         self._resumes: dict[str, _Resume] = {}
         self._threads: list[threading.Thread] = []
         self._stopping = False
+
+    @property
+    def device(self) -> torch.device:
+        """Where replay (and, on CUDA, the KV cache) lives. Resolving it imports torch
+        (seconds): it happens on first use, or in the background once :meth:`start` has
+        run, so that a restarted server takes snapshots again without waiting for torch."""
+        with self._device_lock:
+            if self._device is None:
+                import torch
+
+                from server.replay import default_device
+
+                if self._torch_threads is not None:  # process-wide: one CPU thread pool
+                    torch.set_num_threads(self._torch_threads)
+                self._device = default_device(self._torch_device)
+            return self._device
 
     # -- Resumer --------------------------------------------------------------------------
 
@@ -390,6 +413,9 @@ class ResumeWorker:
         if recover:
             self.recover()
         self._stopping = False
+        warm = threading.Thread(target=lambda: self.device, name="resume-torch-import", daemon=True)
+        warm.start()
+        self._threads.append(warm)
         for i in range(self.workers):
             t = threading.Thread(target=self._loop, name=f"resume-worker-{i}", daemon=True)
             t.start()
@@ -622,6 +648,8 @@ class ResumeWorker:
         result: ReplayResult | None = None
         if rec.seq is not None:
             self._set(r, phase="replaying")
+            from server.replay import replay_job
+
             result = replay_job(self.store, job_id, device=self.device, keep_device=binds)
             metrics.REPLAY_SECONDS.labels(result.backend, result.device).observe(result.seconds)
             metrics.REPLAY_BYTES.inc(result.payload_bytes)

@@ -184,3 +184,32 @@ def test_serve_reports_a_bad_configuration(tmp_path: Path) -> None:
     bad.write_text("[api]\nport = 'x'\n")
     code, text = invoke("serve", "--config", str(bad))
     assert code == 2 and "must be an integer" in text
+
+
+def test_worker_role_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker imports torch lazily, so the server checks up front that it is there."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    cfg = load_config(env={"EDGE_SERVER_API_TOKEN": "x"})
+    with pytest.raises(ConfigError, match=r"server\.worker needs 'torch'"):
+        Server(cfg, ("ingest", "worker", "api"))
+    Server(cfg, ("ingest", "api"))  # the control: without the worker, torch is not needed
+
+
+def test_a_server_process_starts_without_importing_torch() -> None:
+    """Importing torch takes seconds; a restarted server takes snapshots again before it:
+    the worker resolves its device (and imports torch) in the background."""
+    code = (
+        "import sys\n"
+        "from server.serve import Server, load_worker_factory\n"
+        "from server.config import load_config\n"
+        "Server(load_config(env={'EDGE_SERVER_API_TOKEN': 'x'}), ('ingest', 'worker', 'api'))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

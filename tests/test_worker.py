@@ -72,6 +72,23 @@ def test_worker_implements_the_resumer_protocol(store: SQLiteStore, models: Path
         w.request_resume("nope")
 
 
+def test_the_device_is_resolved_lazily_and_warmed_up_by_start(
+    store: SQLiteStore, models: Path
+) -> None:
+    """Building a worker does not touch torch (a restarted server is ready sooner); start()
+    resolves the device in the background, and a resume would wait for it."""
+    w = make_worker(store, StoreControl(store), models, auto_poll_s=None)
+    assert w._device is None
+    w.start(recover=False)
+    try:
+        warm = next(t for t in w._threads if t.name == "resume-torch-import")
+        warm.join(30)
+        assert w._device is not None and w._device.type == "cpu"
+        assert w.device is w._device  # resolved once
+    finally:
+        w.stop()
+
+
 @pytest.mark.parametrize("kv", [True, False], ids=["kv-sent", "kv-rebuilt"])
 def test_generate_resumed_equals_uninterrupted(
     store: SQLiteStore, models: Path, tiny_models: dict[str, Path], tmp_path: Path, kv: bool
