@@ -10,6 +10,15 @@ from hypothesis import strategies as st
 from edge_agent.codec import _huffman as huf
 from edge_agent.errors import PayloadCorrupt
 
+WALKS = ["compiled", "numpy"] if huf._hufc is not None else ["numpy"]
+
+
+@pytest.fixture(autouse=True, params=WALKS)
+def walk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with each lane walk: the compiled one and the numpy one."""
+    monkeypatch.setattr(huf, "USE_COMPILED", request.param == "compiled")
+    return str(request.param)
+
 
 def _fp16_high_bytes(n: int, seed: int = 0) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal(n).astype(np.float16)

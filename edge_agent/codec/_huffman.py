@@ -18,6 +18,15 @@ import numpy.typing as npt
 
 from edge_agent.errors import PayloadCorrupt
 
+try:  # the lane walk, compiled (optional: setup.py builds it where a C compiler is)
+    from edge_agent.codec import _hufc
+except ImportError:  # pragma: no cover - depends on the install
+    _hufc = None  # type: ignore[assignment]
+
+#: decode with the compiled lane walk when it was built; tests turn it off to check that
+#: the numpy walk gives the same results and errors
+USE_COMPILED = _hufc is not None
+
 __all__ = [
     "MAX_BITS",
     "MAX_PER",
@@ -301,19 +310,38 @@ def decode(blob: memoryview, n: int) -> U8:
         )
     ends = np.cumsum(lane_len)
     starts = ends - lane_len
-    # 32-bit big-endian windows at every byte offset; zero padding covers over-reads
-    pad = per * MAX_BITS // 8 + 8
-    m = (stream_len + pad) // 4 + 1
-    buf = np.zeros(4 * m + 4, np.uint8)
-    buf[:stream_len] = np.frombuffer(blob[pos:], np.uint8)
-    win = np.empty(4 * m, np.uint32)
-    for k in range(4):
-        win[k::4] = buf[k : k + 4 * m].view(">u4")
     order, _ = _canonical(lengths)
     olen = lengths[order].astype(np.int64)
     table = np.zeros(1 << MAX_BITS, np.uint16)  # codes left unassigned decode as length 0
     filled = np.repeat((order | (olen << 8)).astype(np.uint16), np.left_shift(1, MAX_BITS - olen))
     table[: len(filled)] = filled
+    if USE_COMPILED:
+        flat = np.empty(lanes * per, np.uint8)
+        if _hufc.decode(blob[pos:], starts, ends, per, table, flat) >= 0:
+            raise PayloadCorrupt("HUF plane: a lane did not end where its length says")
+        return flat[:n]
+    return _walk_lanes(blob[pos:], starts, ends, per, table, n)
+
+
+def _walk_lanes(
+    stream: memoryview,
+    starts: npt.NDArray[np.int64],
+    ends: npt.NDArray[np.int64],
+    per: int,
+    table: npt.NDArray[np.uint16],
+    n: int,
+) -> U8:
+    """The lanes decoded in lockstep with numpy (what ``_hufc.decode`` does in C)."""
+    stream_len = len(stream)
+    lanes = len(starts)
+    # 32-bit big-endian windows at every byte offset; zero padding covers over-reads
+    pad = per * MAX_BITS // 8 + 8
+    m = (stream_len + pad) // 4 + 1
+    buf = np.zeros(4 * m + 4, np.uint8)
+    buf[:stream_len] = np.frombuffer(stream, np.uint8)
+    win = np.empty(4 * m, np.uint32)
+    for k in range(4):
+        win[k::4] = buf[k : k + 4 * m].view(">u4")
     out = np.empty((per, lanes), np.uint16)  # symbol | length << 8, low byte kept at the end
     p = starts.astype(np.uint32)
     s3 = np.uint32(3)
