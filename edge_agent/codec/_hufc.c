@@ -3,8 +3,8 @@
  * edge_agent.codec._huffman parses and validates a HUF plane (docs/wire-format.md,
  * "HUF planes") and builds its lookup table; this module only walks the lanes. It is an
  * optional speed-up: without it (no C compiler at install time) the same loop runs in
- * numpy, with the same results and the same errors (tests/test_codec_huffman.py checks
- * that both agree, on valid and on corrupted planes).
+ * numpy, with the same results and the same errors (tests/test_codec_huffman.py runs
+ * its tests with both; tests/test_codec_hufc.py compares them on corrupted planes).
  *
  * decode(stream, starts, ends, per, table, out) -> int
  *   stream  bytes-like: the bitstream, most significant bit first

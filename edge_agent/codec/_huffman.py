@@ -109,13 +109,19 @@ def code_lengths(counts: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     return out
 
 
+def _canonical_order(lengths: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
+    """The present symbols in canonical order: by code length, then by value."""
+    key = lengths.astype(np.int64) << 8
+    key |= np.arange(256, dtype=np.int64)
+    order: npt.NDArray[np.int64] = np.sort(key)[256 - np.count_nonzero(lengths) :] & 255
+    return order  # absent symbols (length 0) sorted first and were cut off
+
+
 def _canonical(
     lengths: npt.NDArray[np.uint8],
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Symbols in canonical order (by length, then value) and each symbol's code."""
-    key = lengths.astype(np.int64) << 8
-    key |= np.arange(256, dtype=np.int64)
-    order = np.sort(key)[256 - np.count_nonzero(lengths) :] & 255  # absent symbols sort first
+    order = _canonical_order(lengths)
     span = np.left_shift(1, MAX_BITS - lengths[order].astype(np.int64))
     start = np.concatenate(([0], np.cumsum(span)[:-1]))
     codes = np.zeros(256, np.int64)
@@ -310,7 +316,7 @@ def decode(blob: memoryview, n: int) -> U8:
         )
     ends = np.cumsum(lane_len)
     starts = ends - lane_len
-    order, _ = _canonical(lengths)
+    order = _canonical_order(lengths)
     olen = lengths[order].astype(np.int64)
     table = np.zeros(1 << MAX_BITS, np.uint16)  # codes left unassigned decode as length 0
     filled = np.repeat((order | (olen << 8)).astype(np.uint16), np.left_shift(1, MAX_BITS - olen))
